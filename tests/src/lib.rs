@@ -1,0 +1,18 @@
+//! Test support for bulkhead's end-to-end tests: the emulated KVM host and friends.
+//!
+//! The development machines' `/dev/kvm` is the PVM hypervisor, which cannot boot a
+//! stock guest kernel, so end-to-end tests run inside an emulated hardware-KVM host
+//! ([`testhost`]). The pieces it is made of are useful on their own: KVM detection
+//! ([`kvm`]), an artifact cache ([`cache`]), initramfs building ([`initramfs`]),
+//! shell quoting ([`shell`]) and deadline-bound helper processes ([`process`]).
+
+pub mod cache;
+pub mod error;
+pub mod initramfs;
+pub mod kvm;
+pub mod process;
+pub mod shell;
+pub mod testhost;
+
+pub use error::{Error, Result};
+pub use testhost::{ensure_assets, Assets, Outcome, TestHost, TestHostBuilder};

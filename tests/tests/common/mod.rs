@@ -1,0 +1,172 @@
+//! What every end-to-end test binary shares: where to run (straight on /dev/kvm or
+//! inside the emulated KVM host), where the artifacts are, and how to run the VMM
+//! with a deadline.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+use std::time::Duration;
+
+use bulkhead_tests::kvm::{self, KvmKind};
+use bulkhead_tests::process;
+use bulkhead_tests::testhost::TestHost;
+use libtest_mimic::{Arguments, Trial};
+
+/// Environment variables that carry artifact paths into the emulated host.
+const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
+
+/// Runs `trials` here when this machine (or the emulated host we are in) has
+/// hardware-style KVM; otherwise boots the emulated KVM host once and runs this
+/// same test binary inside it. Says which, loudly.
+pub fn main(name: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
+    let args = Arguments::from_args();
+    if args.list {
+        return libtest_mimic::run(&args, trials()).exit_code();
+    }
+    if kvm::inside_emulated_host() {
+        println!(
+            "e2e {name}: running inside the emulated KVM host (QEMU TCG, AMD SVM, nested KVM)"
+        );
+        return libtest_mimic::run(&args, trials()).exit_code();
+    }
+    match kvm::detect() {
+        KvmKind::Hardware => {
+            println!("e2e {name}: running directly on this machine's /dev/kvm (hardware KVM)");
+            libtest_mimic::run(&args, trials()).exit_code()
+        }
+        other => {
+            println!("e2e {name}: this machine has {other}; booting the emulated KVM host to run the tests inside it");
+            relaunch_in_emulated_host()
+        }
+    }
+}
+
+fn relaunch_in_emulated_host() -> ExitCode {
+    let result = (|| -> anyhow::Result<i32> {
+        let exe = std::env::current_exe()?;
+        let mut argv = vec![exe.to_string_lossy().into_owned()];
+        argv.extend(std::env::args().skip(1));
+        // Artifacts resolved out here, so the inside run does not guess again.
+        let mut env = vec![
+            (
+                "BULKHEAD_VMM".to_owned(),
+                vmm_binary().to_string_lossy().into_owned(),
+            ),
+            (
+                "BULKHEAD_KERNEL".to_owned(),
+                guest_kernel()?.to_string_lossy().into_owned(),
+            ),
+        ];
+        for var in ["RUST_BACKTRACE", "BULKHEAD_LOG", "RUST_TEST_THREADS"] {
+            if let Ok(v) = std::env::var(var) {
+                env.push((var.to_owned(), v));
+            }
+        }
+        let host = TestHost::new()?;
+        let outcome = host.run(&argv, &env, &std::env::current_dir()?)?;
+        Ok(outcome.exit_code)
+    })();
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => {
+            eprintln!("e2e: the tests inside the emulated host exited with status {code}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("e2e: cannot run the tests in the emulated KVM host: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `bulkhead-vmm` binary: $BULKHEAD_VMM, else the one cargo built next to
+/// this test (target/<profile>/bulkhead-vmm).
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(ARTIFACT_VARS[0]) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/bulkhead-vmm
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("bulkhead-vmm"))
+        .expect("target dir")
+}
+
+/// The guest kernel: $BULKHEAD_KERNEL (set by `cargo xtask test`).
+pub fn guest_kernel() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(ARTIFACT_VARS[1])
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "BULKHEAD_KERNEL is not set: run the end-to-end tests with `cargo xtask test`, \
+             which builds the guest kernel and sets it"
+            )
+        })?;
+    anyhow::ensure!(
+        path.is_file(),
+        "BULKHEAD_KERNEL={} is not a file",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// What a finished VMM run gave.
+#[derive(Debug)]
+pub struct VmmRun {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its stdout (the console, with --console stdout).
+    pub stdout: String,
+    /// Its stderr (errors).
+    pub stderr: String,
+}
+
+impl VmmRun {
+    /// The exit code, or a failure naming the signal.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("bulkhead-vmm died by signal: {self:#?}"))
+    }
+}
+
+/// Runs bulkhead-vmm with `args`, killing it after `timeout`.
+pub fn run_vmm(args: &[&str], timeout: Duration) -> VmmRun {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.args(args);
+    let (status, out) = process::run_status(&mut cmd, timeout)
+        .unwrap_or_else(|e| panic!("bulkhead-vmm {args:?} did not finish: {e}"));
+    VmmRun {
+        status,
+        stdout: out.stdout,
+        stderr: out.stderr,
+    }
+}
+
+/// Processes whose command name is `name`, by scanning /proc.
+pub fn processes_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .collect()
+}
+
+/// Names in `dir`, sorted, for before/after comparisons.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

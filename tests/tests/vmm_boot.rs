@@ -1,0 +1,384 @@
+//! End-to-end: bulkhead-vmm boots the project's guest kernel with a busybox
+//! initrd, and refuses bad input clearly without leaving anything behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bulkhead_tests::initramfs::busybox::busybox_initrd;
+use common::{guest_kernel, listing, processes_named, run_vmm, VmmRun};
+use libtest_mimic::{Failed, Trial};
+
+/// Generous: under emulation a boot takes seconds, on hardware milliseconds.
+const BOOT_TIMEOUT_SECS: u64 = 120;
+/// The harness's own deadline on a VMM process, above the VMM's boot timeout.
+const RUN_DEADLINE: Duration = Duration::from_secs(BOOT_TIMEOUT_SECS + 60);
+/// Failures before the guest exists must be quick.
+const BAD_INPUT_DEADLINE: Duration = Duration::from_secs(30);
+
+const REPORT_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+echo "VCPUS=$(grep -c ^processor /proc/cpuinfo)"
+echo "MEMTOTAL_KB=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+echo BULKHEAD-E2E-READY
+reboot -f
+"#;
+
+fn main() -> ExitCode {
+    common::main("vmm_boot", || {
+        vec![
+            Trial::test("boots_one_vcpu_and_powers_off", || {
+                boots(1, 128).map(|_| ())
+            }),
+            Trial::test("boots_two_vcpus", || boots(2, 128).map(|_| ())),
+            Trial::test(
+                "memory_size_reaches_the_guest",
+                memory_size_reaches_the_guest,
+            ),
+            Trial::test("config_file_boots_like_flags", config_file_boots_like_flags),
+            Trial::test(
+                "boot_timeout_stops_a_silent_guest",
+                boot_timeout_stops_a_silent_guest,
+            ),
+            Trial::test("guest_panic_is_reported", guest_panic_is_reported),
+            Trial::test("rejects_missing_kernel", rejects_missing_kernel),
+            Trial::test("rejects_file_that_is_not_a_kernel", rejects_non_kernel),
+            Trial::test("rejects_initrd_larger_than_memory", rejects_huge_initrd),
+            Trial::test("rejects_zero_memory", || {
+                bad_args(&["--memory", "0"], "Guest memory must be between")
+            }),
+            Trial::test("rejects_zero_vcpus", || {
+                bad_args(
+                    &["--vcpus", "0"],
+                    "vCPU count must be between 1 and 254, not 0",
+                )
+            }),
+            Trial::test("rejects_300_vcpus", || {
+                bad_args(&["--vcpus", "300"], "not 300")
+            }),
+            Trial::test(
+                "rejects_config_with_unknown_fields",
+                rejects_unknown_config_fields,
+            ),
+        ]
+    })
+}
+
+/// A scratch directory with a test initrd, checked for leftovers when dropped.
+struct Scratch {
+    dir: tempfile::TempDir,
+    tmp_before: Vec<String>,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, Failed> {
+        let tmp_before = listing(&std::env::temp_dir());
+        Ok(Scratch {
+            dir: tempfile::tempdir()?,
+            tmp_before,
+        })
+    }
+
+    fn initrd(&self, name: &str, init: &str) -> Result<PathBuf, Failed> {
+        let path = self.dir.path().join(name);
+        busybox_initrd(init, &path)?;
+        Ok(path)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// No VMM process is left, and the VMM put nothing in the temp dir.
+    fn check_nothing_left(self) -> Result<(), Failed> {
+        let vmms = processes_named("bulkhead-vmm");
+        let own = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        drop(self.dir);
+        let mut after = listing(&std::env::temp_dir());
+        after.retain(|n| Some(n) != own.as_ref());
+        if !vmms.is_empty() {
+            return Err(format!("bulkhead-vmm processes left running: {vmms:?}").into());
+        }
+        let new: Vec<&String> = after
+            .iter()
+            .filter(|n| !self.tmp_before.contains(n))
+            .collect();
+        // Other tests run in parallel and make their own scratch dirs (".tmpXXXX").
+        let foreign: Vec<&&String> = new.iter().filter(|n| !n.starts_with(".tmp")).collect();
+        if !foreign.is_empty() {
+            return Err(format!("files left in the temp dir: {foreign:?}").into());
+        }
+        Ok(())
+    }
+}
+
+fn boot_args<'a>(
+    kernel: &'a str,
+    initrd: &'a str,
+    vcpus: &'a str,
+    memory: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--vcpus",
+        vcpus,
+        "--memory",
+        memory,
+        "--console",
+        "stdout",
+        "--boot-timeout",
+        "120",
+        "--ready-marker",
+        "BULKHEAD-E2E-READY",
+    ]
+}
+
+fn field(out: &str, key: &str) -> Result<u64, Failed> {
+    out.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(key)?
+                .strip_prefix('=')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| format!("the guest did not print {key}=; console:\n{out}").into())
+}
+
+fn expect_clean_exit(run: &VmmRun) -> Result<(), Failed> {
+    if run.code() != 0 {
+        return Err(format!(
+            "bulkhead-vmm exited {}:\nstderr: {}\nconsole: {}",
+            run.code(),
+            run.stderr,
+            run.stdout
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Boots with `vcpus` and `memory` MiB; returns the guest's MemTotal in KiB.
+fn boots(vcpus: u8, memory: u32) -> Result<u64, Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.initrd("init.cpio", REPORT_INIT)?;
+    let (v, m) = (vcpus.to_string(), memory.to_string());
+    let run = run_vmm(
+        &boot_args(&kernel.to_string_lossy(), &initrd.to_string_lossy(), &v, &m),
+        RUN_DEADLINE,
+    );
+    expect_clean_exit(&run)?;
+    let seen = field(&run.stdout, "VCPUS")?;
+    if seen != u64::from(vcpus) {
+        return Err(format!(
+            "asked for {vcpus} vCPUs, the guest saw {seen}; console:\n{}",
+            run.stdout
+        )
+        .into());
+    }
+    let memtotal = field(&run.stdout, "MEMTOTAL_KB")?;
+    let asked_kb = u64::from(memory) * 1024;
+    // MemTotal is RAM minus what the kernel reserved for itself: a little less.
+    if memtotal > asked_kb || memtotal < asked_kb * 7 / 10 {
+        return Err(format!("asked for {memory} MiB, guest MemTotal is {memtotal} KiB").into());
+    }
+    scratch.check_nothing_left()?;
+    Ok(memtotal)
+}
+
+fn memory_size_reaches_the_guest() -> Result<(), Failed> {
+    let small = boots(1, 128)?;
+    let large = boots(1, 256)?;
+    let delta_mib = (large - small) / 1024;
+    // 128 MiB more RAM shows up as almost exactly 128 MiB more MemTotal (page
+    // structures for the extra RAM cost ~2 MiB).
+    if !(120..=128).contains(&delta_mib) {
+        return Err(format!(
+            "128 MiB more guest memory gave {delta_mib} MiB more MemTotal ({small} -> {large} KiB)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn config_file_boots_like_flags() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.initrd("init.cpio", REPORT_INIT)?;
+    let config = scratch.path("vm.json");
+    let json = format!(
+        r#"{{"kernel": {k:?}, "initrd": {i:?}, "memory": 96, "vcpus": 2, "console": "stdout",
+            "boot_timeout": {BOOT_TIMEOUT_SECS}, "ready_marker": "BULKHEAD-E2E-READY"}}"#,
+        k = kernel,
+        i = initrd,
+    );
+    std::fs::write(&config, json)?;
+    let run = run_vmm(&["--config", &config.to_string_lossy()], RUN_DEADLINE);
+    expect_clean_exit(&run)?;
+    if field(&run.stdout, "VCPUS")? != 2 {
+        return Err("the config file's vcpus did not reach the guest".into());
+    }
+    scratch.check_nothing_left()
+}
+
+fn boot_timeout_stops_a_silent_guest() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let init = "#!/bin/sh\nexport PATH=/bin\necho guest is up but never ready\nexec sleep 100000\n";
+    let initrd = scratch.initrd("silent.cpio", init)?;
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--initrd",
+            &initrd.to_string_lossy(),
+            "--boot-timeout",
+            "20",
+            "--ready-marker",
+            "NEVER-PRINTED",
+        ],
+        RUN_DEADLINE,
+    );
+    if run.code() != 3 {
+        return Err(format!(
+            "expected exit 3 (boot timeout), got {}: {}",
+            run.code(),
+            run.stderr
+        )
+        .into());
+    }
+    for needle in [
+        "NEVER-PRINTED",
+        "within 20 s",
+        "guest is up but never ready",
+    ] {
+        if !run.stderr.contains(needle) {
+            return Err(format!("the timeout error lacks {needle:?}:\n{}", run.stderr).into());
+        }
+    }
+    scratch.check_nothing_left()
+}
+
+fn guest_panic_is_reported() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    // PID 1 exiting makes the kernel panic ("Attempted to kill init!").
+    let initrd = scratch.initrd("panic.cpio", "#!/bin/sh\nexit 0\n")?;
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--initrd",
+            &initrd.to_string_lossy(),
+        ],
+        RUN_DEADLINE,
+    );
+    if run.code() != 4 {
+        return Err(format!(
+            "expected exit 4 (guest crashed), got {}: {}",
+            run.code(),
+            run.stderr
+        )
+        .into());
+    }
+    for needle in ["panicked", "Attempted to kill init"] {
+        if !run.stderr.contains(needle) {
+            return Err(format!("the panic report lacks {needle:?}:\n{}", run.stderr).into());
+        }
+    }
+    scratch.check_nothing_left()
+}
+
+/// A bad input: exit 1 fast, an error containing `needle`, nothing left behind.
+fn expect_refusal(args: &[&str], needle: &str, scratch: Scratch) -> Result<(), Failed> {
+    let run = run_vmm(args, BAD_INPUT_DEADLINE);
+    if run.code() != 1 {
+        return Err(format!(
+            "expected exit 1 for {args:?}, got {}: {}",
+            run.code(),
+            run.stderr
+        )
+        .into());
+    }
+    if !run.stderr.contains(needle) {
+        return Err(format!("error for {args:?} lacks {needle:?}:\n{}", run.stderr).into());
+    }
+    scratch.check_nothing_left()
+}
+
+fn bad_args(extra: &[&str], needle: &str) -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let kernel = kernel.to_string_lossy();
+    let mut args = vec!["--kernel", kernel.as_ref()];
+    args.extend_from_slice(extra);
+    expect_refusal(&args, needle, scratch)
+}
+
+fn rejects_missing_kernel() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let missing = scratch.path("no-such-vmlinux");
+    expect_refusal(
+        &["--kernel", &missing.to_string_lossy()],
+        "No such file",
+        scratch,
+    )
+}
+
+fn rejects_non_kernel() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let fake = scratch.path("vmlinux");
+    std::fs::write(&fake, "#!/bin/sh\necho I am not a kernel\n")?;
+    expect_refusal(
+        &["--kernel", &fake.to_string_lossy()],
+        "is not a kernel image",
+        scratch,
+    )
+}
+
+fn rejects_huge_initrd() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.path("huge.cpio");
+    // Sparse: 200 MiB long, no disk used.
+    std::fs::File::create(&initrd)?.set_len(200 << 20)?;
+    expect_refusal(
+        &[
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--initrd",
+            &initrd.to_string_lossy(),
+            "--memory",
+            "64",
+        ],
+        "does not fit in guest memory",
+        scratch,
+    )
+}
+
+fn rejects_unknown_config_fields() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let config = scratch.path("vm.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"kernel": {kernel:?}, "memroy": 64}}"#),
+    )?;
+    expect_refusal(
+        &["--config", &config.to_string_lossy()],
+        "unknown field `memroy`",
+        scratch,
+    )
+}

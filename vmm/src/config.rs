@@ -1,0 +1,276 @@
+//! The VM's configuration: plain data, validated once.
+//!
+//! The CLI and the JSON file (`--config`, the form the shim uses) both produce a
+//! [`VmConfig`]; the rest of the VMM never sees clap or serde.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// Default guest memory in MiB: enough for the agent and a small container.
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+/// Smallest guest we accept: the kernel loads at 16 MiB and needs room above it.
+pub const MIN_MEMORY_MIB: u32 = 32;
+/// Largest guest we accept (1 TiB); beyond that a typo is likelier than intent.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u8 = 1;
+
+/// The default kernel command line, one parameter per reason.
+pub fn default_cmdline() -> String {
+    [
+        // The only console is the 8250 UART at 0x3f8.
+        "console=ttyS0",
+        // Reset through the i8042, which the VMM turns into a clean exit; a triple
+        // fault would look like a crash.
+        "reboot=k",
+        // Reboot at once on panic, so a crashed guest ends instead of hanging; the
+        // VMM notices the panic message on the console and reports it.
+        "panic=-1",
+        // Skip the IO-APIC timer-routing check: the in-kernel PIT is known to work
+        // and the check costs time at every boot.
+        "no_timer_check",
+        // Each console byte is a VM exit; keep boot messages to warnings and worse.
+        "quiet",
+    ]
+    .join(" ")
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleSpec {
+    /// Discarded (still scanned for the ready marker, and kept for error reports).
+    #[default]
+    Off,
+    /// Copied to the VMM's standard output.
+    Stdout,
+    /// Written to this file, created or truncated.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for ConsoleSpec {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "off" => ConsoleSpec::Off,
+            "stdout" => ConsoleSpec::Stdout,
+            path => ConsoleSpec::File(PathBuf::from(path)),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ConsoleSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(s.parse().unwrap_or_default())
+    }
+}
+
+/// Everything needed to boot one microVM.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel: an uncompressed ELF `vmlinux` (preferred) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd (cpio archive).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; replaces [`default_cmdline`] when given.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory: u32,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u16,
+    /// Where the serial console goes.
+    #[serde(default)]
+    pub console: ConsoleSpec,
+    /// Seconds the guest has to print `ready_marker` before it is stopped.
+    #[serde(default)]
+    pub boot_timeout: Option<u64>,
+    /// A string the guest prints on its console once it is up.
+    #[serde(default)]
+    pub ready_marker: Option<String>,
+    /// Skip the PVM-host check because the kernel is known to be a PVM guest kernel
+    /// (for kernels whose symbols we cannot inspect, e.g. a stripped bzImage).
+    #[serde(default)]
+    pub assume_pvm_guest: bool,
+}
+
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+
+fn default_vcpus() -> u16 {
+    u16::from(DEFAULT_VCPUS)
+}
+
+/// A configuration the VMM refuses, with what to change.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("Cannot read the config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid JSON for a [`VmConfig`].
+    #[error("Invalid config file {path}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Where and why (serde's message names unknown fields and positions).
+        source: serde_json::Error,
+    },
+    /// Memory out of range.
+    #[error("Guest memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, not {0} MiB")]
+    Memory(u32),
+    /// vCPU count out of range.
+    #[error("The vCPU count must be between 1 and {MAX_VCPUS}, not {0}")]
+    Vcpus(u16),
+    /// A timeout without a marker to wait for.
+    #[error("--boot-timeout needs --ready-marker: the VMM waits for that string on the console")]
+    TimeoutWithoutMarker,
+    /// A zero or empty value where one is needed.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            memory: DEFAULT_MEMORY_MIB,
+            vcpus: u16::from(DEFAULT_VCPUS),
+            console: ConsoleSpec::Off,
+            boot_timeout: None,
+            ready_marker: None,
+            assume_pvm_guest: false,
+        }
+    }
+
+    /// Reads and validates a JSON config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: VmConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::ParseFile {
+                path: path.to_owned(),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the ranges and combinations that do not need the files themselves.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory) {
+            return Err(ConfigError::Memory(self.memory));
+        }
+        if self.vcpus == 0 || self.vcpus > u16::from(MAX_VCPUS) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.boot_timeout.is_some() && self.ready_marker.is_none() {
+            return Err(ConfigError::TimeoutWithoutMarker);
+        }
+        if self.boot_timeout == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--boot-timeout must be at least 1 second",
+            ));
+        }
+        if self.ready_marker.as_deref() == Some("") {
+            return Err(ConfigError::Invalid("--ready-marker must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The command line the guest gets.
+    pub fn effective_cmdline(&self) -> String {
+        self.cmdline.clone().unwrap_or_else(default_cmdline)
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        u64::from(self.memory) << 20
+    }
+
+    /// The boot deadline, if any.
+    pub fn boot_deadline(&self) -> Option<Duration> {
+        self.boot_timeout.map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<VmConfig, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn json_defaults_match_cli_defaults() {
+        let c = parse(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let err = parse(r#"{"kernel": "/k", "memroy": 64}"#).unwrap_err();
+        assert!(err.to_string().contains("memroy"), "{err}");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let mut c = VmConfig::new("/k");
+        c.memory = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Memory(0))));
+        c.memory = 128;
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0))));
+        c.vcpus = 300;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(300))));
+        c.vcpus = 254;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn timeout_needs_a_marker() {
+        let mut c = VmConfig::new("/k");
+        c.boot_timeout = Some(5);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TimeoutWithoutMarker)
+        ));
+        c.ready_marker = Some("up".into());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn console_spec_parses() {
+        assert_eq!("off".parse::<ConsoleSpec>().unwrap(), ConsoleSpec::Off);
+        assert_eq!(
+            "stdout".parse::<ConsoleSpec>().unwrap(),
+            ConsoleSpec::Stdout
+        );
+        assert_eq!(
+            "/tmp/c.log".parse::<ConsoleSpec>().unwrap(),
+            ConsoleSpec::File("/tmp/c.log".into())
+        );
+    }
+}

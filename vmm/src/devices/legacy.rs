@@ -1,0 +1,163 @@
+//! The legacy port-I/O devices a PC kernel expects: the 8250 UART at COM1 (the
+//! console) and the i8042, whose reset command is how the guest stops the VM.
+//!
+//! Both devices come from vm-superio; this module routes ports to them and wires
+//! their triggers to an irqfd and to the VM's event channel.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::console::ConsoleSink;
+use crate::events::{StopReason, VmEvent};
+
+/// COM1 base port.
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+const COM_PORT_COUNT: u16 = 8;
+/// i8042 data port.
+pub const I8042_DATA: u16 = 0x60;
+/// i8042 command/status port.
+pub const I8042_COMMAND: u16 = 0x64;
+
+/// Raises an interrupt by writing to an eventfd registered as a KVM irqfd.
+pub struct IrqFdTrigger(pub EventFd);
+
+impl Trigger for IrqFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Turns the i8042 reset command into a stop of the VM.
+pub struct ResetTrigger {
+    events: Sender<VmEvent>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        // A reset right after a panic message is the panic=-1 reboot, not a clean stop.
+        let reason = if self.panicked.load(Ordering::SeqCst) {
+            StopReason::GuestPanic
+        } else {
+            StopReason::GuestReset
+        };
+        // The receiver only goes away when the VM is already stopping.
+        let _ = self.events.send(VmEvent::Stop(reason));
+        Ok(())
+    }
+}
+
+/// The port-I/O bus: COM1 and the i8042; other ports read as 0xff (no device).
+pub struct LegacyDevices {
+    serial: Mutex<Serial<IrqFdTrigger, NoEvents, ConsoleSink>>,
+    i8042: Mutex<I8042Device<ResetTrigger>>,
+}
+
+impl LegacyDevices {
+    /// Wires the console to `serial_irq` and the i8042 reset to `events`.
+    pub fn new(console: ConsoleSink, serial_irq: EventFd, events: Sender<VmEvent>) -> Self {
+        let panicked = console.panicked();
+        LegacyDevices {
+            serial: Mutex::new(Serial::new(IrqFdTrigger(serial_irq), console)),
+            i8042: Mutex::new(I8042Device::new(ResetTrigger { events, panicked })),
+        }
+    }
+
+    /// Handles an `in` from the guest.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let value = match port {
+            p if (COM1_BASE..COM1_BASE + COM_PORT_COUNT).contains(&p) && data.len() == 1 => self
+                .serial
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read((p - COM1_BASE) as u8),
+            I8042_DATA | I8042_COMMAND if data.len() == 1 => self
+                .i8042
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read((port - I8042_DATA) as u8),
+            _ => 0xff,
+        };
+        data.fill(value);
+    }
+
+    /// Handles an `out` from the guest.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        let [value] = data else { return };
+        match port {
+            p if (COM1_BASE..COM1_BASE + COM_PORT_COUNT).contains(&p) => {
+                let result = self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .write((p - COM1_BASE) as u8, *value);
+                if let Err(e) = result {
+                    tracing::warn!("serial write failed: {e:?}");
+                }
+            }
+            I8042_DATA | I8042_COMMAND => {
+                let _ = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .write((port - I8042_DATA) as u8, *value);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    fn devices() -> (LegacyDevices, std::sync::mpsc::Receiver<VmEvent>) {
+        let (tx, rx) = channel();
+        let sink = ConsoleSink::new(None, None, tx.clone());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (LegacyDevices::new(sink, irq, tx), rx)
+    }
+
+    #[test]
+    fn i8042_reset_stops_the_vm_cleanly() {
+        let (d, rx) = devices();
+        d.pio_write(I8042_COMMAND, &[0xfe]);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(VmEvent::Stop(StopReason::GuestReset))
+        ));
+    }
+
+    #[test]
+    fn unknown_ports_float_high() {
+        let (d, _rx) = devices();
+        let mut b = [0u8; 2];
+        d.pio_read(0x2f8, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn serial_bytes_reach_the_console_tail() {
+        let (tx, _rx) = channel();
+        let sink = ConsoleSink::new(None, None, tx.clone());
+        let tail = sink.tail();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let d = LegacyDevices::new(sink, irq, tx);
+        for b in b"hi\n" {
+            d.pio_write(COM1_BASE, &[*b]);
+        }
+        assert_eq!(super::super::console::tail_text(&tail), "hi");
+    }
+}

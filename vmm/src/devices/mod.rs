@@ -1,0 +1,4 @@
+//! Emulated devices. Each faces the guest, so each treats guest input as hostile.
+
+pub mod console;
+pub mod legacy;

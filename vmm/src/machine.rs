@@ -1,0 +1,312 @@
+//! A whole microVM: builds it from a [`VmConfig`], runs it, and says why it stopped.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{EBDA_START, ZERO_PAGE_START};
+use crate::arch::x86_64::{bootparams, mptable, regs};
+use crate::config::{ConfigError, ConsoleSpec, VmConfig};
+use crate::devices::console::{tail_text, ConsoleSink, SharedTail};
+use crate::devices::legacy::{LegacyDevices, COM1_IRQ};
+use crate::events::{StopReason, VmEvent};
+use crate::kvm::{HostKvm, KvmError, Vm};
+use crate::loader::{self, LoadError};
+use crate::memory::{self, GuestRam, MemoryError};
+use crate::vcpu::{install_kick_handler, VcpuThreads};
+
+/// How long stopping the vCPU threads may take before we leave them to process exit.
+const VCPU_STOP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Why a VM could not be built or did not come up.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A KVM call failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// There is no usable /dev/kvm.
+    #[error(
+        "Cannot use /dev/kvm: {0}. Load kvm_intel or kvm_amd, check that you may open /dev/kvm, \
+         or run on a host with VT-x/AMD-V"
+    )]
+    NoKvm(String),
+    /// A PVM host cannot run this kernel, and would spin forever trying.
+    #[error(
+        "This host's /dev/kvm is the PVM hypervisor (/sys/module/kvm_pvm exists), which runs only \
+         kernels built with CONFIG_PVM_GUEST, and {kernel} is not one (no pvm_* symbols). Use a PVM \
+         guest kernel (pass --assume-pvm-guest if it is one but stripped), or run on a host with \
+         VT-x/AMD-V or nested virtualization"
+    )]
+    PvmNeedsPvmGuest {
+        /// The kernel that would not boot.
+        kernel: PathBuf,
+    },
+    /// More vCPUs than this KVM allows.
+    #[error("This KVM allows at most {max} vCPUs per VM; {asked} were asked for")]
+    TooManyVcpus {
+        /// Asked for.
+        asked: u16,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// The MP table could not be built.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// The console file could not be created.
+    #[error("Cannot create the console file {path}")]
+    ConsoleFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread, eventfd or signal handler could not be set up.
+    #[error("Cannot set up {what}")]
+    Os {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not print the ready marker in time.
+    #[error(
+        "The guest did not print the ready marker {marker:?} within {secs} s; it was stopped. \
+         Last console lines:\n{tail}"
+    )]
+    BootTimeout {
+        /// The marker.
+        marker: String,
+        /// The deadline.
+        secs: u64,
+        /// The console's last lines.
+        tail: String,
+    },
+}
+
+impl VmmError {
+    /// The VMM's exit status for this error (see `bulkhead-vmm --help`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::BootTimeout { .. } => crate::EXIT_BOOT_TIMEOUT,
+            _ => crate::EXIT_SETUP_FAILED,
+        }
+    }
+}
+
+/// How a VM that booted ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// Time from the start of [`run`] to the ready marker, if one was asked for and seen.
+    pub ready_after: Option<Duration>,
+    /// The console's last lines.
+    pub console_tail: String,
+}
+
+/// Builds the VM described by `config`, runs it until it stops, and returns why.
+///
+/// The VM's threads are stopped before this returns. Meant to be a process's one
+/// job: it installs a process-wide signal handler to kick vCPUs.
+pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
+    let started = Instant::now();
+    config.validate()?;
+    check_inputs(config)?;
+    check_host(config)?;
+
+    let ram = memory::create(config.memory_bytes())?;
+    let kernel_entry = load_guest(config, &ram)?;
+
+    let vm = Vm::new()?;
+    if usize::from(config.vcpus) > vm.max_vcpus() {
+        return Err(VmmError::TooManyVcpus {
+            asked: config.vcpus,
+            max: vm.max_vcpus(),
+        });
+    }
+    vm.map_memory(&ram.mem)?;
+    let vcpu_count = config.vcpus as u8; // validated: 1..=254
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for id in 0..vcpu_count {
+        vcpus.push(vm.create_vcpu(id, vcpu_count)?);
+    }
+    vcpus[0].set_boot_state(kernel_entry)?;
+
+    let (events_tx, events_rx) = channel();
+    let console = ConsoleSink::new(
+        open_console(&config.console)?,
+        config.ready_marker.as_deref(),
+        events_tx.clone(),
+    );
+    let tail = console.tail();
+    let os = |what| move |source| VmmError::Os { what, source };
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(os("the serial interrupt eventfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let devices = Arc::new(LegacyDevices::new(console, serial_irq, events_tx.clone()));
+
+    install_kick_handler().map_err(os("the vCPU kick signal handler"))?;
+    let threads = VcpuThreads::spawn(vcpus, devices, events_tx).map_err(os("the vCPU threads"))?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "vCPUs started"
+    );
+
+    let result = wait_for_stop(config, &events_rx, &tail, started);
+    threads.stop(VCPU_STOP_PATIENCE);
+    // `vm` and `ram` outlive the vCPU threads: dropped only here.
+    drop(vm);
+    drop(ram);
+    result
+}
+
+/// Cheap checks on the input files, before any memory is allocated.
+fn check_inputs(config: &VmConfig) -> Result<(), VmmError> {
+    loader::detect_format(&config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        let size = std::fs::metadata(initrd)
+            .map_err(|source| LoadError::Io {
+                what: "initrd",
+                path: initrd.clone(),
+                source,
+            })?
+            .len();
+        if size >= config.memory_bytes() {
+            return Err(LoadError::InitrdTooLarge {
+                path: initrd.clone(),
+                size_mib: size.div_ceil(1 << 20),
+                available_mib: u64::from(config.memory),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn check_host(config: &VmConfig) -> Result<(), VmmError> {
+    match HostKvm::detect() {
+        HostKvm::Hardware => Ok(()),
+        HostKvm::Absent(why) => Err(VmmError::NoKvm(why)),
+        HostKvm::Pvm => {
+            if config.assume_pvm_guest || loader::looks_like_pvm_guest(&config.kernel)? {
+                Ok(())
+            } else {
+                Err(VmmError::PvmNeedsPvmGuest {
+                    kernel: config.kernel.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// Loads the kernel, initrd and command line, and writes the boot tables.
+/// Returns the kernel's 64-bit entry point.
+fn load_guest(config: &VmConfig, ram: &GuestRam) -> Result<u64, VmmError> {
+    let kernel = loader::load_kernel(&ram.mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(&ram.mem, path, &kernel, ram.low_end())?),
+        None => None,
+    };
+    let cmdline_len = loader::load_cmdline(&ram.mem, &config.effective_cmdline())?;
+    let info = bootparams::BootInfo {
+        setup_header: kernel.setup_header,
+        cmdline_len,
+        initrd,
+    };
+    let zero_page = bootparams::build(&info, &ram.ranges);
+    ram.mem
+        .write_obj(zero_page, GuestAddress(ZERO_PAGE_START))
+        .map_err(|source| LoadError::GuestMemory {
+            what: "the zero page",
+            source,
+        })?;
+    let mp = mptable::build(EBDA_START, config.vcpus as u8)?;
+    loader::write_guest(&ram.mem, EBDA_START, &mp, "the MP table")?;
+    for (addr, bytes) in regs::descriptor_tables() {
+        loader::write_guest(&ram.mem, addr, &bytes, "the boot GDT")?;
+    }
+    for (addr, bytes) in regs::identity_map_pages() {
+        loader::write_guest(&ram.mem, addr, &bytes, "the boot page tables")?;
+    }
+    Ok(kernel.entry)
+}
+
+fn open_console(spec: &ConsoleSpec) -> Result<Option<Box<dyn Write + Send>>, VmmError> {
+    Ok(match spec {
+        ConsoleSpec::Off => None,
+        ConsoleSpec::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleSpec::File(path) => Some(Box::new(File::create(path).map_err(|source| {
+            VmmError::ConsoleFile {
+                path: path.clone(),
+                source,
+            }
+        })?)),
+    })
+}
+
+/// Waits for the guest to stop, enforcing the boot deadline until it is ready.
+fn wait_for_stop(
+    config: &VmConfig,
+    events: &Receiver<VmEvent>,
+    tail: &SharedTail,
+    started: Instant,
+) -> Result<Outcome, VmmError> {
+    let deadline = config.boot_deadline().map(|d| started + d);
+    let mut ready_after = None;
+    loop {
+        let event = match (deadline, ready_after) {
+            (Some(deadline), None) => {
+                match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Err(VmmError::BootTimeout {
+                            marker: config.ready_marker.clone().unwrap_or_default(),
+                            secs: config.boot_timeout.unwrap_or_default(),
+                            tail: tail_text(tail),
+                        })
+                    }
+                    Err(RecvTimeoutError::Disconnected) => unreachable_disconnect(),
+                }
+            }
+            _ => events.recv().unwrap_or_else(|_| unreachable_disconnect()),
+        };
+        match event {
+            VmEvent::Ready => {
+                let after = started.elapsed();
+                tracing::info!(ms = after.as_millis() as u64, "guest ready");
+                ready_after = Some(after);
+            }
+            VmEvent::Stop(reason) => {
+                return Ok(Outcome {
+                    reason,
+                    ready_after,
+                    console_tail: tail_text(tail),
+                })
+            }
+        }
+    }
+}
+
+/// The devices hold senders for as long as the VM exists, so the channel cannot
+/// close while we wait.
+fn unreachable_disconnect() -> ! {
+    unreachable!("the VM's event channel closed while the VM was running")
+}

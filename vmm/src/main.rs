@@ -1,0 +1,124 @@
+//! `bulkhead-vmm`: boot one microVM and exit when it stops.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead_vmm::config::{default_cmdline, ConsoleSpec, VmConfig, DEFAULT_MEMORY_MIB};
+use clap::Parser;
+
+const AFTER_HELP: &str = "\
+Exit status: 0 when the guest stops itself (reboot), 1 for bad input or a VM that \
+could not be built, 2 for bad usage, 3 when the ready marker did not come in time, \
+4 when the guest crashed (kernel panic, triple fault), 5 when KVM or a vCPU thread failed.
+
+Logs go to stderr; set BULKHEAD_LOG (e.g. info, debug) for more.";
+
+/// Boot one KVM microVM: kernel, initrd, console; exits when the guest stops.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead-vmm", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Read the whole configuration from this JSON file (same fields as the flags:
+    /// kernel, initrd, cmdline, memory, vcpus, console, boot_timeout, ready_marker,
+    /// assume_pvm_guest).
+    #[arg(long, exclusive = true, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+
+    /// Guest kernel: an uncompressed ELF vmlinux (fastest) or a bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+
+    /// Initrd (a cpio archive) to hand the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line, replacing the default.
+    #[arg(long, default_value_t = default_cmdline())]
+    cmdline: String,
+
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u32,
+
+    /// Number of vCPUs (1-254).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u16,
+
+    /// Where the guest console goes: stdout, off, or a file path.
+    #[arg(long, default_value = "off")]
+    console: ConsoleSpec,
+
+    /// Seconds the guest has to print --ready-marker before it is stopped.
+    #[arg(long, value_name = "SECS", requires = "ready_marker")]
+    boot_timeout: Option<u64>,
+
+    /// A string the guest prints on its console when it is up.
+    #[arg(long, value_name = "STR")]
+    ready_marker: Option<String>,
+
+    /// Trust that the kernel is a PVM guest kernel (skips the PVM-host check).
+    #[arg(long)]
+    assume_pvm_guest: bool,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<VmConfig, bulkhead_vmm::config::ConfigError> {
+        if let Some(path) = self.config {
+            return VmConfig::from_file(&path);
+        }
+        let config = VmConfig {
+            // clap guarantees --kernel when --config is absent.
+            kernel: self.kernel.unwrap_or_default(),
+            initrd: self.initrd,
+            cmdline: Some(self.cmdline),
+            memory: self.memory,
+            vcpus: self.vcpus,
+            console: self.console,
+            boot_timeout: self.boot_timeout,
+            ready_marker: self.ready_marker,
+            assume_pvm_guest: self.assume_pvm_guest,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match Cli::parse().into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e, bulkhead_vmm::EXIT_SETUP_FAILED),
+    };
+    match bulkhead_vmm::run(&config) {
+        Ok(outcome) if outcome.reason.is_clean() => ExitCode::SUCCESS,
+        Ok(outcome) => {
+            eprintln!(
+                "bulkhead-vmm: {}. Last console lines:\n{}",
+                outcome.reason, outcome.console_tail
+            );
+            ExitCode::from(outcome.reason.exit_code() as u8)
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            fail(&e, code)
+        }
+    }
+}
+
+/// Prints the error with its chain of causes.
+fn fail(error: &dyn std::error::Error, code: i32) -> ExitCode {
+    let mut message = format!("bulkhead-vmm: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    ExitCode::from(code as u8)
+}

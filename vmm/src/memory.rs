@@ -1,0 +1,97 @@
+//! Guest RAM, backed by a memfd so that other processes (virtiofsd, through
+//! vhost-user) can map the very same pages.
+
+use std::fs::File;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use thiserror::Error;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::memory::{ram_ranges, RamRange};
+
+/// The memfd's name, visible in /proc/<pid>/maps (benchmarks find guest pages by it).
+pub const GUEST_MEMFD_NAME: &str = "bulkhead-guest-ram";
+
+/// Why guest memory could not be set up.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// memfd_create or ftruncate failed.
+    #[error("Cannot create {size_mib} MiB of guest memory (memfd)")]
+    Memfd {
+        /// Requested size.
+        size_mib: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("Cannot map {size_mib} MiB of guest memory")]
+    Map {
+        /// Requested size.
+        size_mib: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// Guest RAM and the ranges it covers.
+pub struct GuestRam {
+    /// The mapped memory.
+    pub mem: GuestMemoryMmap,
+    /// Where RAM is in the guest's physical address space.
+    pub ranges: Vec<RamRange>,
+}
+
+impl GuestRam {
+    /// End of RAM below the 32-bit MMIO gap (where the initrd must go).
+    pub fn low_end(&self) -> u64 {
+        self.ranges[0].end()
+    }
+}
+
+/// Creates `size` bytes of memfd-backed guest RAM, mapped shared.
+pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
+    let size_mib = size >> 20;
+    let memfd_err = |source| MemoryError::Memfd { size_mib, source };
+    let fd = memfd_create(GUEST_MEMFD_NAME, MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| memfd_err(std::io::Error::from(e)))?;
+    let file = File::from(fd);
+    file.set_len(size).map_err(memfd_err)?;
+
+    let ranges = ram_ranges(size);
+    let mut offset = 0;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        let file = file.try_clone().map_err(memfd_err)?;
+        regions.push((
+            GuestAddress(r.start),
+            r.len as usize,
+            Some(FileOffset::new(file, offset)),
+        ));
+        offset += r.len;
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(regions)
+        .map_err(|source| MemoryError::Map { size_mib, source })?;
+    Ok(GuestRam { mem, ranges })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn memory_is_usable_and_sized() {
+        let ram = create(64 << 20).unwrap();
+        assert_eq!(ram.mem.last_addr().0 + 1, 64 << 20);
+        ram.mem
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(ram.low_end(), 64 << 20);
+    }
+}

@@ -1,0 +1,41 @@
+//! `cargo xtask bench`: bulkhead against a reference, in the same host and the
+//! same run, reported as ratios (absolute times under emulation mean little).
+
+mod boot;
+
+use anyhow::Result;
+
+/// The benchmarks there are.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    /// Boot to a ready marker: bulkhead-vmm vs QEMU microvm, same kernel and initrd.
+    Boot,
+}
+
+/// Runs benchmark `which` with `runs` samples per side.
+pub fn run(which: Which, runs: usize) -> Result<()> {
+    match which {
+        Which::Boot => boot::run(runs),
+    }
+}
+
+/// The median of `values` (upper median for an even count); 0 for none.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(median(&mut []), 0.0);
+    }
+}

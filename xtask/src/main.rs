@@ -1,0 +1,72 @@
+//! `cargo xtask`: set up a machine, build the guest, run the tests and benchmarks.
+//!
+//! Every step a developer or CI needs lives here (not in shell snippets), so a
+//! fresh Debian 12 machine needs only the README's two commands.
+
+mod bench;
+mod cmd;
+mod demo;
+mod kernel;
+mod place;
+mod setup;
+mod workspace;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// bulkhead's project tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what this machine is missing (apt packages, kernel source,
+    /// virtiofsd), build the guest kernel and fetch the emulated test host.
+    Setup(setup::Options),
+    /// Build the guest kernel (cached by version and config hash) into DIR/vmlinux.
+    Kernel {
+        /// Output folder.
+        #[arg(long, default_value = "target/guest")]
+        out: PathBuf,
+    },
+    /// Boot a microVM that prints what it sees, then stops.
+    Demo,
+    /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
+    Test,
+    /// Run a benchmark against its reference, in the same host, and print ratios.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum, default_value_t = bench::Which::Boot)]
+        which: bench::Which,
+        /// Runs of each side.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup(opts) => {
+            setup::run(&opts)?;
+            if !opts.dry_run {
+                kernel::build(&workspace::guest_dir())?;
+                let assets = bulkhead_tests::testhost::ensure_assets()?;
+                println!(
+                    "setup: emulated test host kernel {} cached",
+                    assets.kernel_package
+                );
+            }
+            Ok(())
+        }
+        Task::Kernel { out } => kernel::build(&out).map(|_| ()),
+        Task::Demo => demo::run(),
+        Task::Test => workspace::test(),
+        Task::Bench { which, runs } => bench::run(which, runs),
+    }
+}
