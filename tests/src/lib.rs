@@ -6,6 +6,8 @@
 //! ([`kvm`]), an artifact cache ([`cache`]), initramfs building ([`initramfs`]),
 //! shell quoting ([`shell`]) and deadline-bound helper processes ([`process`]).
 
+#![warn(missing_docs)]
+
 pub mod cache;
 pub mod error;
 pub mod initramfs;

@@ -72,8 +72,11 @@ pub fn run_logged(cmd: &mut Command, log: &Path, label: &str, every: Duration) -
             break status;
         }
         if start.elapsed() >= next_report {
-            let last = tail_of_file(log, 1);
-            println!("{label}: {} s, {}", start.elapsed().as_secs(), last.trim());
+            let secs = start.elapsed().as_secs();
+            match tail_of_file(log, 1).trim() {
+                "" => println!("{label}: {secs} s"),
+                last => println!("{label}: {secs} s, {last}"),
+            }
             next_report += every;
         }
         thread::sleep(Duration::from_millis(200));

@@ -51,8 +51,11 @@ pub struct Kernel {
 
 /// Return the cached kernel, fetching and unpacking it first if needed.
 pub fn ensure() -> Result<Kernel> {
-    let package = kernel_package()?;
-    let version = candidate_version(&package)?;
+    let (package, version) = kernel_package()?;
+    let version = match version {
+        Some(version) => version,
+        None => candidate_version(&package)?,
+    };
     let key = cache::hash_key([LAYOUT_VERSION, &MODULES.join(",")]);
     let name = format!("{}_{}-{}", package, sanitize(&version), &key[..12]);
     let dir = cache::cache_root()
@@ -187,17 +190,18 @@ fn copy_module(path: &Path, dir: &Path) -> Result<String> {
 }
 
 /// The `linux-image-<release>-amd64` package that `linux-image-amd64` depends on,
-/// running `apt-get update` once if apt knows no such package yet.
-fn kernel_package() -> Result<String> {
-    let query = || -> Result<Option<String>> {
+/// with its version when the dependency pins it; runs `apt-get update` once if apt
+/// knows no such package yet.
+fn kernel_package() -> Result<(String, Option<String>)> {
+    let query = || -> Result<Option<(String, Option<String>)>> {
         let mut cmd = Command::new("apt-cache");
-        cmd.args(["depends", META_PACKAGE]);
+        cmd.args(["show", "--no-all-versions", META_PACKAGE]);
         // apt-cache exits non-zero when it knows no such package: treat as "none".
         let (_, out) = process::run_status(&mut cmd, Duration::from_secs(120))?;
         Ok(parse_kernel_dependency(&out.stdout))
     };
-    if let Some(package) = query()? {
-        return Ok(package);
+    if let Some(found) = query()? {
+        return Ok(found);
     }
     eprintln!("bulkhead-tests: apt knows no {META_PACKAGE}; running apt-get update");
     process::run(
@@ -205,7 +209,7 @@ fn kernel_package() -> Result<String> {
         Duration::from_secs(600),
     )?;
     query()?.ok_or_else(|| Error::UnexpectedOutput {
-        command: format!("apt-cache depends {META_PACKAGE}"),
+        command: format!("apt-cache show --no-all-versions {META_PACKAGE}"),
         detail: "no linux-image-*-amd64 dependency, even after apt-get update".into(),
     })
 }
@@ -221,18 +225,26 @@ fn candidate_version(package: &str) -> Result<String> {
     })
 }
 
-/// From `apt-cache depends linux-image-amd64`, the first dependency named
-/// `linux-image-<something>-amd64`.
-pub fn parse_kernel_dependency(text: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let dep = line
-            .trim()
-            .trim_start_matches('|')
-            .strip_prefix("Depends:")?;
-        let name = dep.trim().trim_start_matches('<').trim_end_matches('>');
+/// From the `Depends:` field of `apt-cache show linux-image-amd64`, the first
+/// dependency named `linux-image-<digit...>-amd64`, and its version if pinned with
+/// `(= version)`.
+pub fn parse_kernel_dependency(text: &str) -> Option<(String, Option<String>)> {
+    let depends = text.lines().find_map(|l| l.strip_prefix("Depends:"))?;
+    depends.split([',', '|']).find_map(|dep| {
+        let dep = dep.trim();
+        let (name, constraint) = match dep.split_once('(') {
+            Some((name, rest)) => (name.trim(), Some(rest.trim_end_matches(')').trim())),
+            None => (dep, None),
+        };
         let inner = name.strip_prefix("linux-image-")?.strip_suffix("-amd64")?;
-        (!inner.is_empty() && inner.starts_with(|c: char| c.is_ascii_digit()))
-            .then(|| name.to_string())
+        if !inner.starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        let version = constraint
+            .and_then(|c| c.strip_prefix('='))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
+        Some((name.to_string(), version))
     })
 }
 
@@ -316,19 +328,23 @@ mod tests {
 
     #[test]
     fn finds_kernel_dependency() {
-        let text = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        let text = "Package: linux-image-amd64\nVersion: 6.1.192-2\n\
+                    Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)\nDescription: x\n";
         assert_eq!(
-            parse_kernel_dependency(text).as_deref(),
-            Some("linux-image-6.1.0-56-amd64")
+            parse_kernel_dependency(text),
+            Some((
+                "linux-image-6.1.0-56-amd64".to_string(),
+                Some("6.1.192-2".to_string())
+            ))
         );
-        let alt = "linux-image-amd64\n |Depends: <linux-image-6.12.9-amd64>\n  Depends: x\n";
+        let alt = "Depends: initramfs-tools | linux-initramfs-tool, linux-image-6.12.9-amd64\n";
         assert_eq!(
-            parse_kernel_dependency(alt).as_deref(),
-            Some("linux-image-6.12.9-amd64")
+            parse_kernel_dependency(alt),
+            Some(("linux-image-6.12.9-amd64".to_string(), None))
         );
         assert_eq!(parse_kernel_dependency(""), None);
         assert_eq!(
-            parse_kernel_dependency("  Depends: linux-image-amd64-signed-template\n"),
+            parse_kernel_dependency("Depends: linux-image-amd64-signed-template\n"),
             None
         );
     }

@@ -203,10 +203,17 @@ impl TestHost {
     }
 
     /// Boot the emulated host, run `argv` in `cwd` with `env` added to a clean
-    /// environment (`PATH`, `HOME=/root`, `TMPDIR=/tmp`, `BULKHEAD_IN_TESTHOST=1`),
-    /// and return its exit status.
+    /// environment (this process's `PATH`, `CARGO_HOME` and `RUSTUP_HOME`,
+    /// `HOME=/root`, `TMPDIR=/tmp`, `BULKHEAD_IN_TESTHOST=1`), and return its exit
+    /// status.
     ///
-    /// The command's stdout and stderr go to the console, which is echoed live.
+    /// Inside, `/` is this machine's `/` (read-only, with writes going to a tmpfs
+    /// overlay that vanishes with the run), while `/tmp` and `/run` are fresh
+    /// tmpfs: files under this machine's `/tmp` are not visible there. The guest
+    /// caches the shared `/`, so changes made on this machine during a run may not
+    /// show inside it. `argv[0]`
+    /// is looked up in the command's `PATH` and run by its full path. Stdin is
+    /// `/dev/null`; stdout and stderr go to the console, which is echoed live.
     /// Fails, with the console tail, if the host cannot be set up (no usable
     /// `/dev/kvm`, missing cwd, ...), stalls, outlives the timeout, or QEMU exits
     /// early. QEMU is killed and reaped on every path.
@@ -313,10 +320,14 @@ impl TestHost {
                 match console::parse_marker(&line, nonce) {
                     None => {}
                     Some(Event::Ready) if !self.settings.echo_console => {}
-                    Some(Event::Ready) => eprintln!(
-                        "bulkhead-tests: emulated host ready after {:.1} s",
-                        start.elapsed().as_secs_f64()
-                    ),
+                    Some(Event::Ready) => {
+                        // Straight to the handle: shows even when a test captures output.
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "bulkhead-tests: emulated host ready after {:.1} s",
+                            start.elapsed().as_secs_f64()
+                        );
+                    }
                     Some(Event::Exit(exit_code)) => {
                         // The guest reboots now; -no-reboot turns that into an exit.
                         let grace = (Instant::now() + qemu::EXIT_GRACE).min(deadline);
@@ -377,6 +388,29 @@ fn new_nonce() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Boots the real emulated host: needs QEMU, busybox-static, kmod and apt.
+    /// Run with `cargo test -p bulkhead-tests -- --ignored`.
+    #[test]
+    #[ignore = "boots the emulated host (about 10 s; fetches a kernel on first use)"]
+    fn runs_a_command_with_kvm() {
+        let host = TestHost::builder()
+            .memory_mib(1024)
+            .timeout(Duration::from_secs(300))
+            .build()
+            .expect("assets");
+        let argv: Vec<String> = [
+            "sh",
+            "-c",
+            "test -c /dev/kvm && test \"$X\" = 'a b' && exit 3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let env = [("X".to_string(), "a b".to_string())];
+        let outcome = host.run(&argv, &env, Path::new("/")).expect("run");
+        assert_eq!(outcome.exit_code, 3, "{}", outcome.console_tail);
+    }
 
     #[test]
     fn nonces_differ() {

@@ -18,9 +18,14 @@ use crate::shell::{join, quote};
 /// under `/run`).
 pub const JOB_DIR: &str = "bulkhead";
 
-/// `PATH` given to the command unless the caller sets its own.
-pub const DEFAULT_PATH: &str =
-    "/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// `PATH` given to the command when this process has none and the caller sets
+/// none. Normally the command inherits this process's `PATH`: the guest's `/` is
+/// this machine's, so the same directories (cargo's included) are there.
+pub const FALLBACK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Variables passed from this process to the command when set here, so that
+/// cargo and rustup find their homes inside the guest.
+pub const INHERITED_ENV: &[&str] = &["CARGO_HOME", "RUSTUP_HOME"];
 
 /// 9p mount tag of this machine's `/`.
 pub const ROOT_TAG: &str = "hostroot";
@@ -47,8 +52,10 @@ for m in {modules}; do
     insmod /lib/modules/$m || fail "insmod $m failed (see console above)"
 done
 mkdir -p /lower /rw /newroot
+# cache=loose: the guest caches file data, several times faster on repeated reads
+# (binaries, shared libraries); the share is a read-only snapshot for the run.
 tries=0
-until mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 {ROOT_TAG} /lower; do
+until mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose {ROOT_TAG} /lower; do
     tries=$((tries + 1))
     [ $tries -lt 50 ] || fail "cannot mount the 9p share {ROOT_TAG}"
     usleep 100000
@@ -120,18 +127,28 @@ pub fn validate(job: &Job<'_>) -> Result<()> {
 
 /// The stage 2 script for `job` (run as PID 1 in the overlay root).
 ///
-/// The command gets a clean environment: `PATH`, `HOME=/root`, `TMPDIR=/tmp`,
-/// `BULKHEAD_IN_TESTHOST=1`, then `job.env`; stdin is `/dev/null`, stdout and stderr
-/// go to the console.
+/// The command gets a clean environment: this process's `PATH` (or
+/// [`FALLBACK_PATH`]), [`INHERITED_ENV`], `HOME=/root`, `TMPDIR=/tmp`,
+/// `BULKHEAD_IN_TESTHOST=1`, then `job.env`; stdin is `/dev/null`, stdout and
+/// stderr go to the console.
 pub fn stage2(job: &Job<'_>) -> Result<String> {
     validate(job)?;
+    let host_var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), DEFAULT_PATH.into()),
+        (
+            "PATH".into(),
+            host_var("PATH").unwrap_or_else(|| FALLBACK_PATH.into()),
+        ),
         ("HOME".into(), "/root".into()),
         ("TMPDIR".into(), "/tmp".into()),
         ("TERM".into(), "dumb".into()),
         (IN_TESTHOST_ENV.into(), "1".into()),
     ];
+    for name in INHERITED_ENV {
+        if let Some(value) = host_var(name) {
+            env.push((name.to_string(), value));
+        }
+    }
     for (name, value) in job.env {
         env.retain(|(n, _)| n != name);
         env.push((name.clone(), value.clone()));
@@ -253,7 +270,7 @@ mod tests {
         assert!(script.contains("find_program sh /x)"), "{script}");
         assert!(script.contains("cd '/some dir' ||"), "{script}");
         assert!(script.contains("'PATH=/x'"));
-        assert!(!script.contains(DEFAULT_PATH));
+        assert!(!script.contains("'PATH=/usr"), "{script}");
         assert!(script.contains("'BULKHEAD_IN_TESTHOST=1'"));
         assert!(script.contains("BULKHEAD-TESTHOST:n0nce:exit="));
     }
