@@ -12,7 +12,7 @@ use common::{guest_kernel, listing, processes_named, run_vmm, VmmRun};
 use libtest_mimic::{Failed, Trial};
 
 /// Generous: under emulation a boot takes seconds, on hardware milliseconds.
-const BOOT_TIMEOUT_SECS: u64 = 120;
+const BOOT_TIMEOUT_SECS: u64 = 60;
 /// The harness's own deadline on a VMM process, above the VMM's boot timeout.
 const RUN_DEADLINE: Duration = Duration::from_secs(BOOT_TIMEOUT_SECS + 60);
 /// Failures before the guest exists must be quick.
@@ -137,7 +137,7 @@ fn boot_args<'a>(
         "--console",
         "stdout",
         "--boot-timeout",
-        "120",
+        "60",
         "--ready-marker",
         "BULKHEAD-E2E-READY",
     ]

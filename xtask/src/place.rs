@@ -29,7 +29,8 @@ pub fn run_with_kvm(name: &str, task: impl FnOnce() -> Result<()>) -> Result<()>
                 .iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect();
-            let outcome = TestHost::new()?.run(&argv, &env, &std::env::current_dir()?)?;
+            let outcome =
+                TestHost::new()?.run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
             if outcome.exit_code != 0 {
                 bail!(
                     "{name} failed inside the emulated host (exit {})",

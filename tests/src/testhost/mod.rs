@@ -246,6 +246,32 @@ impl TestHost {
         // `vm` (killed and reaped if still running) and `work` are dropped here.
     }
 
+    /// Like [`TestHost::run`], but when the emulated host stalls (no console
+    /// output for the stall timeout: TCG with nested KVM occasionally locks up
+    /// its whole guest) it is killed and the command is run again in a fresh
+    /// host, up to `attempts` times in all. The command must be safe to repeat.
+    pub fn run_retrying_stalls(
+        &self,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &Path,
+        attempts: u32,
+    ) -> Result<Outcome> {
+        let mut attempt = 1;
+        loop {
+            match self.run(argv, env, cwd) {
+                Err(Error::Stalled { .. }) if attempt < attempts => {
+                    println!(
+                        "bulkhead-tests: the emulated host stalled (attempt {attempt} of \
+                         {attempts}); starting a fresh one and running the command again"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Follow the console until the exit marker, a failure or a deadline.
     fn supervise(&self, vm: &mut qemu::Qemu, nonce: &str) -> Result<Outcome> {
         let start = Instant::now();

@@ -13,6 +13,10 @@ use bulkhead_tests::process;
 use bulkhead_tests::testhost::TestHost;
 use libtest_mimic::{Arguments, Trial};
 
+/// Longest silence from the emulated host before it counts as stalled: above the
+/// longest quiet stretch of any test (a VMM boot timeout of 60 s).
+const STALL_TIMEOUT: Duration = Duration::from_secs(150);
+
 /// Environment variables that carry artifact paths into the emulated host.
 const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
 
@@ -20,7 +24,10 @@ const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
 /// hardware-style KVM; otherwise boots the emulated KVM host once and runs this
 /// same test binary inside it. Says which, loudly.
 pub fn main(name: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // One microVM at a time: they share the (emulated) host's two CPUs, and the
+    // "nothing left running" checks look at the whole machine.
+    args.test_threads.get_or_insert(1);
     if args.list {
         return libtest_mimic::run(&args, trials()).exit_code();
     }
@@ -63,8 +70,8 @@ fn relaunch_in_emulated_host() -> ExitCode {
                 env.push((var.to_owned(), v));
             }
         }
-        let host = TestHost::new()?;
-        let outcome = host.run(&argv, &env, &std::env::current_dir()?)?;
+        let host = TestHost::builder().stall_timeout(STALL_TIMEOUT).build()?;
+        let outcome = host.run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
         Ok(outcome.exit_code)
     })();
     match result {
