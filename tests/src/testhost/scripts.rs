@@ -185,6 +185,9 @@ if [ ! -c /dev/kvm ]; then
     $BB mknod -m 0666 /dev/kvm c "$major" "$minor" || fail "cannot create /dev/kvm"
 fi
 (exec 3<>/dev/kvm) 2>/dev/null || fail "/dev/kvm cannot be opened read-write"
+# Let shmem (memfd) guest RAM use transparent huge pages when the VMM asks for
+# them, as `cargo xtask setup` configures a real host (Debian's default is never).
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 cd {cwd} || fail "cannot change to the working directory "{cwd_msg}
 # Resolve the program with the command's PATH here: busybox `env` would run its
 # own applet instead of a PATH lookup for names like `sh` or `ls`.
