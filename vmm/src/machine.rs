@@ -290,10 +290,10 @@ fn wait_for_stop(
                             tail: tail_text(tail),
                         })
                     }
-                    Err(RecvTimeoutError::Disconnected) => unreachable_disconnect(),
+                    Err(RecvTimeoutError::Disconnected) => vanished(),
                 }
             }
-            _ => events.recv().unwrap_or_else(|_| unreachable_disconnect()),
+            _ => events.recv().unwrap_or_else(|_| vanished()),
         };
         match event {
             VmEvent::Ready => {
@@ -312,8 +312,11 @@ fn wait_for_stop(
     }
 }
 
-/// The devices hold senders for as long as the VM exists, so the channel cannot
-/// close while we wait.
-fn unreachable_disconnect() -> ! {
-    unreachable!("the VM's event channel closed while the VM was running")
+/// The event channel closed: every vCPU thread ended without saying why (a vCPU
+/// thread only ends after sending its stop reason, so this means one panicked).
+fn vanished() -> VmEvent {
+    VmEvent::Stop(StopReason::VcpuFailed {
+        cpu: 0,
+        detail: "every vCPU thread ended without a stop reason".into(),
+    })
 }
