@@ -40,6 +40,10 @@ fn main() -> ExitCode {
             ),
             Trial::test("config_file_boots_like_flags", config_file_boots_like_flags),
             Trial::test(
+                "guest_gets_entropy_from_virtio_rng",
+                guest_gets_entropy_from_virtio_rng,
+            ),
+            Trial::test(
                 "boot_timeout_stops_a_silent_guest",
                 boot_timeout_stops_a_silent_guest,
             ),
@@ -229,6 +233,44 @@ fn config_file_boots_like_flags() -> Result<(), Failed> {
     expect_clean_exit(&run)?;
     if field(&run.stdout, "VCPUS")? != 2 {
         return Err("the config file's vcpus did not reach the guest".into());
+    }
+    scratch.check_nothing_left()
+}
+
+const RNG_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "RNG_CURRENT=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "RNG_BYTES=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \n')"
+echo BULKHEAD-E2E-READY
+reboot -f
+"#;
+
+fn guest_gets_entropy_from_virtio_rng() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.initrd("rng.cpio", RNG_INIT)?;
+    let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    let run = run_vmm(&boot_args(&k, &i, "1", "128"), RUN_DEADLINE);
+    expect_clean_exit(&run)?;
+    let line = |key: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    if !line("RNG_CURRENT=").starts_with("virtio_rng") {
+        return Err(format!(
+            "the guest's hardware RNG is not virtio-rng; console:\n{}",
+            run.stdout
+        )
+        .into());
+    }
+    let hex = line("RNG_BYTES=");
+    if hex.len() != 64 || hex.chars().all(|c| c == '0') {
+        return Err(format!("/dev/hwrng gave {hex:?}, not 32 random bytes").into());
     }
     scratch.check_nothing_left()
 }

@@ -11,16 +11,24 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::{EBDA_START, ZERO_PAGE_START};
+use crate::arch::x86_64::layout::{EBDA_START, MMIO_DEVICES_START, ZERO_PAGE_START};
 use crate::arch::x86_64::{bootparams, mptable, regs};
 use crate::config::{ConfigError, ConsoleSpec, VmConfig};
 use crate::devices::console::{tail_text, ConsoleSink, SharedTail};
 use crate::devices::legacy::{LegacyDevices, COM1_IRQ};
+use crate::devices::mmio_bus::MmioBus;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::events::{StopReason, VmEvent};
 use crate::kvm::{HostKvm, KvmError, Vm};
 use crate::loader::{self, LoadError};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::vcpu::{install_kick_handler, VcpuThreads};
+
+/// The first interrupt line for virtio devices: 0-4 are the PIT, keyboard,
+/// cascade and serial ports of a PC.
+const FIRST_VIRTIO_GSI: u32 = 5;
 
 /// How long stopping the vCPU threads may take before we leave them to process exit.
 const VCPU_STOP_PATIENCE: Duration = Duration::from_secs(1);
@@ -65,6 +73,9 @@ pub enum VmmError {
         /// KVM's limit.
         max: usize,
     },
+    /// More devices than free interrupt lines.
+    #[error("Too many devices: the IOAPIC has no free interrupt line left")]
+    TooManyDevices,
     /// The MP table could not be built.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
@@ -137,11 +148,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
 
     let ram = memory::create(config.memory_bytes())?;
     step("guest memory created");
-    let kernel_entry = load_guest(config, &ram)?;
-    step("guest loaded");
 
     let vm = Vm::new()?;
-    step("VM created");
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(VmmError::TooManyVcpus {
             asked: config.vcpus,
@@ -149,6 +157,15 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         });
     }
     vm.map_memory(&ram.mem)?;
+    step("VM created");
+
+    let os = |what| move |source| VmmError::Os { what, source };
+    let virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng)];
+    let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
+    let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
+    let kernel_entry = load_guest(config, &ram, &cmdline)?;
+    step("guest loaded");
+
     let vcpu_count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
@@ -164,14 +181,14 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         events_tx.clone(),
     );
     let tail = console.tail();
-    let os = |what| move |source| VmmError::Os { what, source };
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(os("the serial interrupt eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let devices = Arc::new(LegacyDevices::new(console, serial_irq, events_tx.clone()));
 
     install_kick_handler().map_err(os("the vCPU kick signal handler"))?;
-    let threads = VcpuThreads::spawn(vcpus, devices, events_tx).map_err(os("the vCPU threads"))?;
+    let threads = VcpuThreads::spawn(vcpus, devices, Arc::new(mmio), events_tx)
+        .map_err(os("the vCPU threads"))?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "vCPUs started"
@@ -224,15 +241,52 @@ fn check_host(config: &VmConfig) -> Result<(), VmmError> {
     }
 }
 
-/// Loads the kernel, initrd and command line, and writes the boot tables.
+/// Places `devices` in the MMIO gap, one 4 KiB window and one GSI each, wires
+/// their interrupts and queue notifications into KVM, and returns the bus with
+/// the `virtio_mmio.device=` parameters that announce them to the guest.
+fn attach_virtio_devices(
+    vm: &Vm,
+    ram: &GuestRam,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<(MmioBus, Vec<String>), VmmError> {
+    let os = |what| move |source| VmmError::Os { what, source };
+    let mut bus = MmioBus::default();
+    let mut params = Vec::with_capacity(devices.len());
+    for (i, device) in devices.into_iter().enumerate() {
+        let gsi = FIRST_VIRTIO_GSI + i as u32;
+        if gsi >= u32::from(mptable::IOAPIC_PINS) {
+            return Err(VmmError::TooManyDevices);
+        }
+        let base = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(os("a device interrupt eventfd"))?;
+        vm.register_irqfd(&irqfd, gsi)?;
+        let transport =
+            MmioTransport::new(device, ram.mem.clone(), Arc::new(Interrupt::new(irqfd)))
+                .map_err(os("a virtio-mmio transport"))?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_mmio_notify(evt, base + NOTIFY_REG_OFFSET, queue as u32)?;
+        }
+        tracing::debug!(
+            device = transport.name(),
+            base = format_args!("{base:#x}"),
+            gsi,
+            "virtio device"
+        );
+        params.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        bus.insert(base, transport);
+    }
+    Ok((bus, params))
+}
+
+/// Loads the kernel, initrd and `cmdline`, and writes the boot tables.
 /// Returns the kernel's 64-bit entry point.
-fn load_guest(config: &VmConfig, ram: &GuestRam) -> Result<u64, VmmError> {
+fn load_guest(config: &VmConfig, ram: &GuestRam, cmdline: &str) -> Result<u64, VmmError> {
     let kernel = loader::load_kernel(&ram.mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(loader::load_initrd(&ram.mem, path, &kernel, ram.low_end())?),
         None => None,
     };
-    let cmdline_len = loader::load_cmdline(&ram.mem, &config.effective_cmdline())?;
+    let cmdline_len = loader::load_cmdline(&ram.mem, cmdline)?;
     let info = bootparams::BootInfo {
         setup_header: kernel.setup_header,
         cmdline_len,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::legacy::LegacyDevices;
+use crate::devices::mmio_bus::MmioBus;
 use crate::events::{StopReason, VmEvent};
 use crate::kvm::{Vcpu, VcpuExit};
 
@@ -39,6 +40,7 @@ impl VcpuThreads {
     pub fn spawn(
         vcpus: Vec<Vcpu>,
         devices: Arc<LegacyDevices>,
+        mmio: Arc<MmioBus>,
         events: Sender<VmEvent>,
     ) -> std::io::Result<VcpuThreads> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -47,15 +49,16 @@ impl VcpuThreads {
             stop,
         };
         for vcpu in vcpus {
-            let (devices, events, stop) = (
+            let (devices, mmio, events, stop) = (
                 Arc::clone(&devices),
+                Arc::clone(&mmio),
                 events.clone(),
                 Arc::clone(&threads.stop),
             );
             let handle = thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
                 .stack_size(VCPU_STACK_BYTES)
-                .spawn(move || run_loop(vcpu, &devices, &events, &stop))?;
+                .spawn(move || run_loop(vcpu, &devices, &mmio, &events, &stop))?;
             threads.handles.push(handle);
         }
         Ok(threads)
@@ -84,7 +87,13 @@ impl VcpuThreads {
     }
 }
 
-fn run_loop(mut vcpu: Vcpu, devices: &LegacyDevices, events: &Sender<VmEvent>, stop: &AtomicBool) {
+fn run_loop(
+    mut vcpu: Vcpu,
+    devices: &LegacyDevices,
+    mmio: &MmioBus,
+    events: &Sender<VmEvent>,
+    stop: &AtomicBool,
+) {
     let cpu = vcpu.id();
     let report = |reason| {
         let _ = events.send(VmEvent::Stop(reason));
@@ -93,9 +102,9 @@ fn run_loop(mut vcpu: Vcpu, devices: &LegacyDevices, events: &Sender<VmEvent>, s
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
-            // No MMIO devices yet: reads see nothing, writes go nowhere.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Halted) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
+            Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Halted) => {}
             Ok(VcpuExit::Shutdown) => return report(StopReason::TripleFault { cpu }),
             Ok(VcpuExit::SystemEvent(kind)) => return report(StopReason::GuestSystemEvent(kind)),
             Ok(VcpuExit::InternalError) => {

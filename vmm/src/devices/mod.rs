@@ -2,3 +2,5 @@
 
 pub mod console;
 pub mod legacy;
+pub mod mmio_bus;
+pub mod virtio;

@@ -1,7 +1,7 @@
 //! The VM file descriptor: memory slots, the in-kernel irqchip and PIT, irqfds.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -9,7 +9,8 @@ use super::{KvmError, Vcpu};
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 
 /// Capabilities we rely on; a KVM without them cannot run our guests.
-const REQUIRED_CAPS: [(Cap, &str); 6] = [
+const REQUIRED_CAPS: [(Cap, &str); 7] = [
+    (Cap::Ioeventfd, "ioeventfd"),
     (Cap::Irqchip, "in-kernel irqchip"),
     (Cap::UserMemory, "user memory slots"),
     (Cap::SetTssAddr, "TSS address"),
@@ -79,6 +80,19 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(KvmError::new(format!("register an irqfd for GSI {gsi}")))
+    }
+
+    /// Makes a 32-bit guest write of `datamatch` to MMIO address `addr` signal
+    /// `evt` inside KVM, without an exit to the VMM (virtio queue notifications).
+    pub fn register_mmio_notify(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(KvmError::new(format!("register an ioeventfd at {addr:#x}")))
     }
 
     /// Creates vCPU `id` (also its APIC id) with KVM's supported CPUID adjusted

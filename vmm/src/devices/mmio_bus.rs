@@ -1,0 +1,50 @@
+//! Routes guest MMIO accesses to the virtio-mmio device whose window holds them.
+
+use std::sync::{Mutex, PoisonError};
+
+use super::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE};
+
+/// The virtio-mmio devices, one window each, in address order.
+#[derive(Default)]
+pub struct MmioBus {
+    slots: Vec<(u64, Mutex<MmioTransport>)>,
+}
+
+impl MmioBus {
+    /// Adds a device at `base`; windows must not overlap (the caller allocates
+    /// them from [`crate::arch::x86_64::layout::MMIO_DEVICES_START`] upwards).
+    pub fn insert(&mut self, base: u64, transport: MmioTransport) {
+        self.slots.push((base, Mutex::new(transport)));
+        self.slots.sort_by_key(|(b, _)| *b);
+    }
+
+    fn find(&self, addr: u64, len: usize) -> Option<(&Mutex<MmioTransport>, u64)> {
+        let (base, slot) = self
+            .slots
+            .iter()
+            .find(|(base, _)| addr >= *base && addr - base < MMIO_DEVICE_SIZE)?;
+        let offset = addr - base;
+        // An access that runs past the window belongs to no device.
+        (offset + len as u64 <= MMIO_DEVICE_SIZE).then_some((slot, offset))
+    }
+
+    /// Handles a guest read; unclaimed addresses read as zero.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr, data.len()) {
+            Some((slot, offset)) => slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    /// Handles a guest write; unclaimed addresses ignore it.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((slot, offset)) = self.find(addr, data.len()) {
+            slot.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write(offset, data);
+        }
+    }
+}
