@@ -102,6 +102,49 @@ pub struct VmConfig {
     /// (for kernels whose symbols we cannot inspect, e.g. a stripped bzImage).
     #[serde(default)]
     pub assume_pvm_guest: bool,
+    /// virtio-fs shares, each served by a virtiofsd process.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// The hybrid vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// One virtio-fs share: the guest mounts `tag`; virtiofsd listens on `socket`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The mount tag.
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// Parses the CLI form `TAG=SOCKET`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tag, socket) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected TAG=SOCKET, got {s:?}"))?;
+        Ok(FsConfig {
+            tag: tag.to_owned(),
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
+/// The hybrid vsock device: the guest's CID, and the host Unix socket that host
+/// programs connect to (`CONNECT <port>`); guest connections to host port P go to
+/// `<uds_path>_<P>`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more: 0-2 are reserved).
+    pub cid: u32,
+    /// The host Unix socket.
+    pub uds_path: PathBuf,
 }
 
 fn default_memory() -> u32 {
@@ -141,6 +184,17 @@ pub enum ConfigError {
     /// A timeout without a marker to wait for.
     #[error("--boot-timeout needs --ready-marker: the VMM waits for that string on the console")]
     TimeoutWithoutMarker,
+    /// A virtio-fs share that cannot be set up.
+    #[error("Invalid virtio-fs share {tag:?}: {reason}")]
+    Fs {
+        /// The tag.
+        tag: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A vsock CID the guest cannot have.
+    #[error("The vsock CID must be at least 3 (0-2 are reserved), not {0}")]
+    VsockCid(u32),
     /// A zero or empty value where one is needed.
     #[error("{0}")]
     Invalid(&'static str),
@@ -159,6 +213,8 @@ impl VmConfig {
             boot_timeout: None,
             ready_marker: None,
             assume_pvm_guest: false,
+            fs: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -195,6 +251,22 @@ impl VmConfig {
         }
         if self.ready_marker.as_deref() == Some("") {
             return Err(ConfigError::Invalid("--ready-marker must not be empty"));
+        }
+        let mut tags = std::collections::HashSet::new();
+        for fs in &self.fs {
+            let invalid = |reason: String| ConfigError::Fs {
+                tag: fs.tag.clone(),
+                reason,
+            };
+            crate::devices::virtio::fs::FsTag::new(&fs.tag).map_err(|e| invalid(e.to_string()))?;
+            if !tags.insert(fs.tag.as_str()) {
+                return Err(invalid("the tag is used twice".into()));
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.cid < 3 {
+                return Err(ConfigError::VsockCid(vsock.cid));
+            }
         }
         Ok(())
     }
@@ -259,6 +331,26 @@ mod tests {
         ));
         c.ready_marker = Some("up".into());
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn shares_and_vsock_are_checked() {
+        let mut c = VmConfig::new("/k");
+        c.fs.push("root=/run/fs.sock".parse().unwrap());
+        assert!(c.validate().is_ok());
+        c.fs.push("root=/run/other.sock".parse().unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::Fs { .. })));
+        c.fs.truncate(1);
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds_path: "/run/v.sock".into(),
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::VsockCid(2))));
+        assert!("no-equals".parse::<FsConfig>().is_err());
+        let json = r#"{"kernel": "/k", "fs": [{"tag": "t", "socket": "/s"}], "vsock": {"cid": 3, "uds_path": "/v"}}"#;
+        let parsed: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed.fs[0].tag, "t");
+        assert_eq!(parsed.vsock.unwrap().cid, 3);
     }
 
     #[test]

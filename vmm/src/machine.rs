@@ -17,6 +17,7 @@ use crate::config::{ConfigError, ConsoleSpec, VmConfig};
 use crate::devices::console::{tail_text, ConsoleSink, SharedTail};
 use crate::devices::legacy::{LegacyDevices, COM1_IRQ};
 use crate::devices::mmio_bus::MmioBus;
+use crate::devices::virtio::fs::{FsError, FsTag, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -45,6 +46,9 @@ pub enum VmmError {
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A virtio-fs backend could not be reached.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// A KVM call failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -160,7 +164,15 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     step("VM created");
 
     let os = |what| move |source| VmmError::Os { what, source };
-    let virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng)];
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng)];
+    for share in &config.fs {
+        // Validated with the config, so the tag is well-formed here.
+        let tag = FsTag::new(&share.tag).map_err(|e| ConfigError::Fs {
+            tag: share.tag.clone(),
+            reason: e.to_string(),
+        })?;
+        virtio.push(Box::new(VhostUserFs::connect(tag, &share.socket)?));
+    }
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
     let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
     let kernel_entry = load_guest(config, &ram, &cmdline)?;

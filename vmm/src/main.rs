@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bulkhead_vmm::config::{default_cmdline, ConsoleSpec, VmConfig, DEFAULT_MEMORY_MIB};
+use bulkhead_vmm::config::{
+    default_cmdline, ConsoleSpec, FsConfig, VmConfig, VsockConfig, DEFAULT_MEMORY_MIB,
+};
 use clap::Parser;
 
 const AFTER_HELP: &str = "\
@@ -19,7 +21,7 @@ Logs go to stderr; set BULKHEAD_LOG (e.g. info, debug) for more.";
 struct Cli {
     /// Read the whole configuration from this JSON file (same fields as the flags:
     /// kernel, initrd, cmdline, memory, vcpus, console, boot_timeout, ready_marker,
-    /// assume_pvm_guest).
+    /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path}).
     #[arg(long, exclusive = true, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -58,6 +60,18 @@ struct Cli {
     /// Trust that the kernel is a PVM guest kernel (skips the PVM-host check).
     #[arg(long)]
     assume_pvm_guest: bool,
+
+    /// A virtio-fs share served by virtiofsd: TAG=SOCKET (repeatable).
+    #[arg(long, value_name = "TAG=SOCKET")]
+    fs: Vec<FsConfig>,
+
+    /// The guest's vsock CID (3 or more); needs --vsock-uds.
+    #[arg(long, value_name = "CID", requires = "vsock_uds")]
+    vsock_cid: Option<u32>,
+
+    /// The host Unix socket of the hybrid vsock device; needs --vsock-cid.
+    #[arg(long, value_name = "PATH", requires = "vsock_cid")]
+    vsock_uds: Option<PathBuf>,
 }
 
 impl Cli {
@@ -76,6 +90,11 @@ impl Cli {
             boot_timeout: self.boot_timeout,
             ready_marker: self.ready_marker,
             assume_pvm_guest: self.assume_pvm_guest,
+            fs: self.fs,
+            vsock: self
+                .vsock_cid
+                .zip(self.vsock_uds)
+                .map(|(cid, uds_path)| VsockConfig { cid, uds_path }),
         };
         config.validate()?;
         Ok(config)

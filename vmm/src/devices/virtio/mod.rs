@@ -10,6 +10,7 @@
 //! descriptor against guest memory: a hostile guest can make a device fail, not
 //! make it touch memory outside the guest.
 
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 
