@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bulkhead_tests::initramfs::busybox::busybox_initrd;
-use common::{guest_kernel, listing, processes_named, run_vmm, VmmRun};
+use common::{guest_kernel, listing, processes_named, run_vmm, virtiofsd, VmmRun};
 use libtest_mimic::{Failed, Trial};
 
 /// Generous: under emulation a boot takes seconds, on hardware milliseconds.
@@ -42,6 +42,14 @@ fn main() -> ExitCode {
             Trial::test(
                 "guest_gets_entropy_from_virtio_rng",
                 guest_gets_entropy_from_virtio_rng,
+            ),
+            Trial::test(
+                "guest_shares_files_over_virtio_fs",
+                guest_shares_files_over_virtio_fs,
+            ),
+            Trial::test(
+                "rejects_fs_share_without_virtiofsd",
+                rejects_fs_share_without_virtiofsd,
             ),
             Trial::test(
                 "boot_timeout_stops_a_silent_guest",
@@ -275,6 +283,88 @@ fn guest_gets_entropy_from_virtio_rng() -> Result<(), Failed> {
     scratch.check_nothing_left()
 }
 
+const FS_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mkdir -p /share
+mount -t virtiofs share /share || echo MOUNT-FAILED
+echo "HOST_FILE=$(cat /share/from-host.txt)"
+echo "written in the guest" > /share/from-guest.txt
+sync
+echo BULKHEAD-E2E-READY
+reboot -f
+"#;
+
+fn guest_shares_files_over_virtio_fs() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.initrd("fs.cpio", FS_INIT)?;
+    let shared = scratch.path("shared");
+    std::fs::create_dir(&shared)?;
+    std::fs::write(shared.join("from-host.txt"), "hello from the host\n")?;
+    let socket = scratch.path("virtiofsd.sock");
+    let mut daemon = std::process::Command::new(virtiofsd()?)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(["--sandbox", "none", "--cache", "never"])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<(), Failed> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if std::time::Instant::now() > deadline {
+                return Err("virtiofsd did not create its socket in 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+        let fs = format!("share={}", socket.display());
+        let mut args = boot_args(&k, &i, "1", "128");
+        args.extend(["--fs", &fs]);
+        let run = run_vmm(&args, RUN_DEADLINE);
+        expect_clean_exit(&run)?;
+        if run.stdout.contains("MOUNT-FAILED")
+            || !run.stdout.contains("HOST_FILE=hello from the host")
+        {
+            return Err(format!(
+                "the guest did not read the host's file; console:\n{}",
+                run.stdout
+            )
+            .into());
+        }
+        let written = std::fs::read_to_string(shared.join("from-guest.txt"))?;
+        if written != "written in the guest\n" {
+            return Err(format!("the host sees {written:?} in the guest's file").into());
+        }
+        // virtiofsd serves one VM and exits when it disconnects.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while daemon.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                return Err("virtiofsd still runs 30 s after the VM stopped".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    result?;
+    scratch.check_nothing_left()
+}
+
+fn rejects_fs_share_without_virtiofsd() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let socket = scratch.path("nobody-listens.sock");
+    let fs = format!("share={}", socket.display());
+    bad_args_in(
+        scratch,
+        &["--fs", &fs],
+        "cannot set up vhost-user with virtiofsd at",
+    )
+}
+
 fn boot_timeout_stops_a_silent_guest() -> Result<(), Failed> {
     let scratch = Scratch::new()?;
     let kernel = guest_kernel()?;
@@ -361,7 +451,10 @@ fn expect_refusal(args: &[&str], needle: &str, scratch: Scratch) -> Result<(), F
 }
 
 fn bad_args(extra: &[&str], needle: &str) -> Result<(), Failed> {
-    let scratch = Scratch::new()?;
+    bad_args_in(Scratch::new()?, extra, needle)
+}
+
+fn bad_args_in(scratch: Scratch, extra: &[&str], needle: &str) -> Result<(), Failed> {
     let kernel = guest_kernel()?;
     let kernel = kernel.to_string_lossy();
     let mut args = vec!["--kernel", kernel.as_ref()];

@@ -119,6 +119,28 @@ pub fn guest_kernel() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The virtiofsd binary: $BULKHEAD_VIRTIOFSD, else on PATH, else where
+/// `cargo install` puts it (`cargo xtask setup` installs it there).
+pub fn virtiofsd() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BULKHEAD_VIRTIOFSD") {
+        return Ok(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("virtiofsd"));
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin").join("virtiofsd"));
+    on_path
+        .chain(cargo_home)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!("virtiofsd not found: run `cargo xtask setup`, which installs it")
+        })
+}
+
 /// What a finished VMM run gave.
 #[derive(Debug)]
 pub struct VmmRun {
