@@ -54,6 +54,39 @@ pub const STREAM_HEADER_FIXED_LEN: usize = 10;
 /// [`MAX_ID_LEN`] bytes.
 pub const STREAM_HEADER_MAX_LEN: usize = STREAM_HEADER_FIXED_LEN + 2 * MAX_ID_LEN;
 
+/// The agent's one-byte answer to a stream header, so the host knows whether
+/// its stream is attached before it sends or waits for bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamAck {
+    /// The stream is attached; raw bytes follow.
+    Attached = 0,
+    /// No such container or exec id.
+    UnknownProcess = 1,
+    /// That stream of that process is already attached.
+    AlreadyAttached = 2,
+    /// The process was created without that stream.
+    NotRequested = 3,
+}
+
+impl StreamAck {
+    /// Decodes the byte; unknown values are refusals the host reports as such.
+    pub fn from_u8(byte: u8) -> Option<StreamAck> {
+        Some(match byte {
+            0 => StreamAck::Attached,
+            1 => StreamAck::UnknownProcess,
+            2 => StreamAck::AlreadyAttached,
+            3 => StreamAck::NotRequested,
+            _ => return None,
+        })
+    }
+}
+
+/// The first line the agent writes on its connection to [`crate::HOST_READY_PORT`]:
+/// `bulkhead-agent <version>\n`. The agent keeps that connection open for its
+/// whole life, so the host sees the agent die as end-of-file on it.
+pub const READY_LINE_PREFIX: &str = "bulkhead-agent ";
+
 /// Which stdio stream a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -1,4 +1,7 @@
-//! `bulkhead`: sandbox lifecycle, image store and configuration.
+//! `bulkhead`: the host side of bulkhead's sandboxes.
 //!
-//! The sandbox layer arrives with the "Run a process in a container inside the
-//! microVM" capability, the shim and the CLI with the ones after it.
+//! [`sandbox`] starts and stops one microVM with its agent and virtiofsd; the
+//! CLI (`bulkhead run`) and, later, the containerd shim are built on it.
+
+pub mod cli;
+pub mod sandbox;

@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod guest;
 mod kernel;
 mod place;
 mod setup;
@@ -31,6 +32,12 @@ enum Task {
     Setup(setup::Options),
     /// Build the guest kernel (cached by version and config hash) into DIR/vmlinux.
     Kernel {
+        /// Output folder.
+        #[arg(long, default_value = "target/guest")]
+        out: PathBuf,
+    },
+    /// Build what a microVM boots: DIR/vmlinux and DIR/initrd.img (the agent).
+    Guest {
         /// Output folder.
         #[arg(long, default_value = "target/guest")]
         out: PathBuf,
@@ -65,6 +72,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Kernel { out } => kernel::build(&out).map(|_| ()),
+        Task::Guest { out } => {
+            let guest = guest::build(&out)?;
+            println!(
+                "guest: {} and {}",
+                guest.kernel.display(),
+                guest.initrd.display()
+            );
+            Ok(())
+        }
         Task::Demo => demo::run(),
         Task::Test => workspace::test(),
         Task::Bench { which, runs } => bench::run(which, runs),

@@ -1,0 +1,107 @@
+//! `bulkhead`: run containers in microVMs from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use bulkhead::cli::run::{run, RunOptions};
+use bulkhead::cli::spec::ProcessOptions;
+use clap::{Parser, Subcommand};
+
+/// Containers in microVMs: each runs in its own KVM guest kernel.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command in a container, in its own microVM; exits with its status.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The container's root file system: a directory on this host.
+    #[arg(long, value_name = "DIR")]
+    rootfs: PathBuf,
+    /// Keep stdin open and pass it to the container.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Give the container a terminal (pty).
+    #[arg(short, long)]
+    tty: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// Numeric user (and group) to run as.
+    #[arg(short, long, value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// Container memory limit in MiB (the microVM gets this plus the guest's share).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u32>,
+    /// vCPUs of the microVM.
+    #[arg(long, default_value_t = 1)]
+    cpus: u16,
+    /// Mount the root file system read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Seconds the microVM has to come up.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    boot_timeout: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Where sandbox directories live.
+const RUN_ROOT: &str = "/run/bulkhead";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("bulkhead: {e:#}");
+            // Like docker run: 125 when bulkhead itself failed.
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn real_main() -> Result<i32> {
+    let Command::Run(args) = Cli::parse().command;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(RunOptions {
+        rootfs: args.rootfs,
+        process: ProcessOptions {
+            args: args.command,
+            env: args.env,
+            cwd: args.workdir,
+            user: args.user,
+            terminal: args.tty,
+            read_only: args.read_only,
+            memory_limit: None,
+        },
+        interactive: args.interactive,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        run_root: PathBuf::from(RUN_ROOT),
+    }))
+}

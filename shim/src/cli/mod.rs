@@ -1,0 +1,5 @@
+//! The pieces of the `bulkhead` command line that are worth testing alone.
+
+pub mod artifacts;
+pub mod run;
+pub mod spec;

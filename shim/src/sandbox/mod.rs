@@ -1,0 +1,386 @@
+//! One sandbox: a microVM with its agent, the virtiofsd that serves its share,
+//! and the host directory that holds their sockets and logs.
+//!
+//! [`Sandbox::start`] makes `/run/bulkhead/<id>/` (0700), bind-mounts the
+//! requested directories into its share, starts virtiofsd and bulkhead-vmm, and
+//! waits, with a deadline, for the agent to dial the host's ready port (no
+//! polling). [`Sandbox::stop`] asks the agent to shut the VM down and removes
+//! every process, mount, socket and file the sandbox made; dropping a
+//! [`Sandbox`] does the same without the polite part.
+
+mod dir;
+mod processes;
+mod vsock;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulkhead_protocol::agent::{CheckRequest, ShutdownRequest};
+use bulkhead_protocol::agent_ttrpc::AgentClient;
+use bulkhead_protocol::stream::{StreamAck, StreamHeader, READY_LINE_PREFIX};
+use bulkhead_protocol::{ttrpc, AGENT_STREAM_PORT, AGENT_TTRPC_PORT, HOST_READY_PORT};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+
+pub use dir::{first_mount_under, SandboxDir};
+use processes::{start_virtiofsd, tail, HostProcess};
+
+/// The virtio-fs tag of the sandbox share; the agent mounts it.
+pub const SHARE_TAG: &str = "bulkhead";
+/// The guest's vsock CID (any value >= 3 works: each VM has its own vsock device).
+const GUEST_CID: u32 = 3;
+/// Deadline for one RPC that should answer at once.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of console and logs quoted in errors.
+const TAIL_LINES: usize = 20;
+
+/// Why a sandbox could not be started, used or stopped.
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    /// A file-system operation failed.
+    #[error("Cannot {what} {path}")]
+    Io {
+        /// What we tried.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The id is taken.
+    #[error("A sandbox with id {id} exists already ({path}); pick another id or remove it")]
+    InUse {
+        /// The id.
+        id: String,
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// A bind mount failed.
+    #[error("Cannot bind-mount {source_path} at {target}: {errno}")]
+    Mount {
+        /// What was to be mounted.
+        source_path: PathBuf,
+        /// Where.
+        target: PathBuf,
+        /// Why.
+        errno: nix::Error,
+    },
+    /// Cleanup found a mount it could not remove.
+    #[error("{0} is still mounted; refusing to delete files under it")]
+    StillMounted(PathBuf),
+    /// A host program could not be started.
+    #[error("Cannot start {name}")]
+    Spawn {
+        /// Which.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host program exited early.
+    #[error("{name} exited ({status}) before the sandbox was up. Its last output:\n{log_tail}")]
+    Exited {
+        /// Which.
+        name: &'static str,
+        /// How.
+        status: std::process::ExitStatus,
+        /// Its log's tail.
+        log_tail: String,
+    },
+    /// A host program did not create its socket.
+    #[error("{name} did not create {socket} within 10 s. Its last output:\n{log_tail}")]
+    NoSocket {
+        /// Which.
+        name: &'static str,
+        /// The socket.
+        socket: PathBuf,
+        /// Its log's tail.
+        log_tail: String,
+    },
+    /// The agent did not report in time.
+    #[error(
+        "The guest agent did not report ready within {secs} s. Last console lines:\n{console_tail}"
+    )]
+    BootTimeout {
+        /// The deadline.
+        secs: u64,
+        /// The console's last lines.
+        console_tail: String,
+    },
+    /// The guest VM stopped on its own.
+    #[error("The microVM stopped ({status}). bulkhead-vmm said:\n{vmm_tail}\nLast console lines:\n{console_tail}")]
+    VmGone {
+        /// bulkhead-vmm's exit status.
+        status: std::process::ExitStatus,
+        /// bulkhead-vmm's log.
+        vmm_tail: String,
+        /// The guest console.
+        console_tail: String,
+    },
+    /// A vsock connection to the guest failed.
+    #[error("Cannot connect to guest vsock port {port}")]
+    Vsock {
+        /// The port.
+        port: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered something it must not.
+    #[error("The guest agent misbehaved: {0}")]
+    Agent(String),
+    /// An RPC failed.
+    #[error("Agent call {call} failed")]
+    Rpc {
+        /// Which call.
+        call: &'static str,
+        /// Why.
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+/// What a sandbox is made of.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// The sandbox id: a directory name under `run_root`.
+    pub id: String,
+    /// Where sandbox directories live (`/run/bulkhead`).
+    pub run_root: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initrd (the agent).
+    pub initrd: PathBuf,
+    /// The bulkhead-vmm binary.
+    pub vmm: PathBuf,
+    /// The virtiofsd binary.
+    pub virtiofsd: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u16,
+    /// How long the agent has to report ready.
+    pub boot_timeout: Duration,
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    id: String,
+    dir: SandboxDir,
+    vmm: HostProcess,
+    virtiofsd: HostProcess,
+    vsock_uds: PathBuf,
+    /// The agent's ready connection, held open: end-of-file on it means the agent died.
+    _ready: UnixStream,
+    agent: AgentClient,
+    agent_version: String,
+}
+
+impl Sandbox {
+    /// Starts a sandbox whose share holds `shares` (name inside the share,
+    /// host directory), bind-mounted read-write.
+    pub async fn start(
+        config: &SandboxConfig,
+        shares: &[(&str, &Path)],
+    ) -> Result<Sandbox, SandboxError> {
+        bulkhead_protocol::validate_id(&config.id)
+            .map_err(|e| SandboxError::Agent(format!("invalid sandbox id: {e}")))?;
+        let mut dir = SandboxDir::create(&config.run_root, &config.id)?;
+        for (name, source) in shares {
+            dir.bind_into_share(source, name)?;
+        }
+        let virtiofsd_socket = dir.file("virtiofsd.sock");
+        let mut virtiofsd = start_virtiofsd(
+            &config.virtiofsd,
+            &dir.shared(),
+            &virtiofsd_socket,
+            &dir.file("virtiofsd.log"),
+        )
+        .await?;
+
+        let vsock_uds = dir.file("vsock.sock");
+        let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
+        let ready_listener =
+            UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
+                what: "listen on",
+                path: ready_path.clone(),
+                source,
+            })?;
+
+        let vm_config = serde_json::json!({
+            "kernel": config.kernel,
+            "initrd": config.initrd,
+            "memory": config.memory_mib,
+            "vcpus": config.vcpus,
+            "console": dir.file("console.log"),
+            "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
+            "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds},
+        });
+        let vm_config_path = dir.file("vm.json");
+        std::fs::write(&vm_config_path, vm_config.to_string()).map_err(|source| {
+            SandboxError::Io {
+                what: "write",
+                path: vm_config_path.clone(),
+                source,
+            }
+        })?;
+        let mut cmd = Command::new(&config.vmm);
+        cmd.arg("--config").arg(&vm_config_path);
+        let mut vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
+
+        let ready = wait_ready(&ready_listener, &mut vmm, &dir, config.boot_timeout).await;
+        let ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                vmm.stop(Duration::ZERO).await;
+                virtiofsd.stop(Duration::from_secs(2)).await;
+                return Err(e);
+            }
+        };
+        let (ready, agent_version) = ready;
+
+        let stream = vsock::connect(&vsock_uds, AGENT_TTRPC_PORT, RPC_TIMEOUT).await?;
+        let client =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
+        let agent = AgentClient::new(client);
+        let sandbox = Sandbox {
+            id: config.id.clone(),
+            dir,
+            vmm,
+            virtiofsd,
+            vsock_uds,
+            _ready: ready,
+            agent,
+            agent_version,
+        };
+        sandbox
+            .agent
+            .check(
+                ttrpc::context::with_duration(RPC_TIMEOUT),
+                &CheckRequest::new(),
+            )
+            .await
+            .map_err(|source| SandboxError::Rpc {
+                call: "Check",
+                source,
+            })?;
+        Ok(sandbox)
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The agent's version, as it announced itself.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    /// The agent's RPC client.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The sandbox's host directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of the guest console, for error reports.
+    pub fn console_tail(&self) -> String {
+        tail(&self.dir.file("console.log"), TAIL_LINES)
+    }
+
+    /// Opens one stdio stream of a process in the guest.
+    pub async fn open_stream(&self, header: &StreamHeader) -> Result<UnixStream, SandboxError> {
+        let mut stream = vsock::connect(&self.vsock_uds, AGENT_STREAM_PORT, RPC_TIMEOUT).await?;
+        let agent_err =
+            |e: &dyn std::fmt::Display| SandboxError::Agent(format!("stream header: {e}"));
+        header
+            .write_to_async(&mut stream)
+            .await
+            .map_err(|e| agent_err(&e))?;
+        let ack = tokio::time::timeout(RPC_TIMEOUT, stream.read_u8())
+            .await
+            .map_err(|_| agent_err(&"no answer in time"))?
+            .map_err(|e| agent_err(&e))?;
+        match StreamAck::from_u8(ack) {
+            Some(StreamAck::Attached) => Ok(stream),
+            other => Err(SandboxError::Agent(format!(
+                "the agent refused stream {:?} of {}/{}: {other:?}",
+                header.kind, header.container_id, header.exec_id
+            ))),
+        }
+    }
+
+    /// Like [`Sandbox::open_stream`], taking the header by value (for closures).
+    pub async fn open_stream_owned(
+        &self,
+        header: StreamHeader,
+    ) -> Result<UnixStream, SandboxError> {
+        self.open_stream(&header).await
+    }
+
+    /// Whether the VM is still running.
+    pub fn vm_running(&mut self) -> bool {
+        self.vmm.try_exit().is_none()
+    }
+
+    /// Asks the agent to shut the VM down, then makes sure every process is gone
+    /// and removes the sandbox directory with its mounts.
+    pub async fn stop(mut self) -> Result<(), SandboxError> {
+        let polite = self
+            .agent
+            .shutdown(
+                ttrpc::context::with_duration(Duration::from_secs(2)),
+                &ShutdownRequest::new(),
+            )
+            .await;
+        if let Err(e) = polite {
+            tracing::debug!(sandbox = %self.id, "Shutdown RPC: {e}");
+        }
+        self.vmm.stop(Duration::from_secs(5)).await;
+        self.virtiofsd.stop(Duration::from_secs(2)).await;
+        self.dir.remove()
+    }
+}
+
+/// Waits for the agent's connection on the ready port and its hello line,
+/// failing early if the VMM exits and late if the deadline passes.
+async fn wait_ready(
+    listener: &UnixListener,
+    vmm: &mut HostProcess,
+    dir: &SandboxDir,
+    timeout: Duration,
+) -> Result<(UnixStream, String), SandboxError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let console_tail = || tail(&dir.file("console.log"), TAIL_LINES);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted
+                    .map_err(|source| SandboxError::Io { what: "accept on", path: dir.file("vsock.sock"), source })?;
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let read = tokio::time::timeout(RPC_TIMEOUT, (&mut reader).take(256).read_line(&mut line)).await;
+                if !matches!(read, Ok(Ok(n)) if n > 0) || !line.starts_with(READY_LINE_PREFIX) {
+                    return Err(SandboxError::Agent(format!("bad hello on the ready port: {line:?}")));
+                }
+                let version = line[READY_LINE_PREFIX.len()..].trim().to_owned();
+                return Ok((reader.into_inner(), version));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some(status) = vmm.try_exit() {
+                    return Err(SandboxError::VmGone { status, vmm_tail: vmm.log_tail(TAIL_LINES), console_tail: console_tail() });
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(SandboxError::BootTimeout { secs: timeout.as_secs(), console_tail: console_tail() });
+                }
+            }
+        }
+    }
+}
