@@ -92,14 +92,17 @@ pub async fn start_virtiofsd(
         .arg(shared)
         .arg("--socket-path")
         .arg(socket);
-    // The share is private to this sandbox and its bind mounts appear as
-    // submounts; "auto" caching keeps host-side changes visible in the guest.
+    // virtiofsd's default sandbox (its own mount namespace, pivoted into the
+    // share) confines it to the share; the bind mounts are made before it starts
+    // so they are in its namespace. "auto" caching keeps host-side changes
+    // visible in the guest; submounts are announced so the guest sees each
+    // bind mount as its own file system.
     cmd.args([
+        "--sandbox",
+        "namespace",
         "--cache",
         "auto",
         "--announce-submounts",
-        "--sandbox",
-        "none",
     ]);
     let mut process = HostProcess::spawn("virtiofsd", cmd, log)?;
     let deadline = Instant::now() + Duration::from_secs(10);
