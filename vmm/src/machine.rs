@@ -20,6 +20,7 @@ use crate::devices::mmio_bus::MmioBus;
 use crate::devices::virtio::fs::{FsError, FsTag, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::events::{StopReason, VmEvent};
 use crate::kvm::{HostKvm, KvmError, Vm};
@@ -49,6 +50,15 @@ pub enum VmmError {
     /// A virtio-fs backend could not be reached.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The vsock device's host socket could not be created.
+    #[error("Cannot create the vsock socket {path}")]
+    Vsock {
+        /// The socket path.
+        path: PathBuf,
+        /// Why (an existing file is not replaced).
+        #[source]
+        source: std::io::Error,
+    },
     /// A KVM call failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -172,6 +182,16 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
             reason: e.to_string(),
         })?;
         virtio.push(Box::new(VhostUserFs::connect(tag, &share.socket)?));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device =
+            Vsock::new(u64::from(vsock.cid), vsock.uds_path.clone()).map_err(|source| {
+                VmmError::Vsock {
+                    path: vsock.uds_path.clone(),
+                    source,
+                }
+            })?;
+        virtio.push(Box::new(device));
     }
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
     let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
