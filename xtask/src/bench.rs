@@ -2,6 +2,7 @@
 //! same run, reported as ratios (absolute times under emulation mean little).
 
 mod boot;
+mod run;
 
 use anyhow::Result;
 
@@ -10,12 +11,15 @@ use anyhow::Result;
 pub enum Which {
     /// Boot to a ready marker: bulkhead-vmm vs QEMU microvm, same kernel and initrd.
     Boot,
+    /// Containers: `bulkhead run` vs `runc run` (start, stdout throughput, memory).
+    Run,
 }
 
 /// Runs benchmark `which` with `runs` samples per side.
 pub fn run(which: Which, runs: usize) -> Result<()> {
     match which {
         Which::Boot => boot::run(runs),
+        Which::Run => run::run(runs),
     }
 }
 

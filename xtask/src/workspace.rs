@@ -68,11 +68,18 @@ pub fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    let kernel = crate::kernel::build(&guest_dir())?;
+    let guest = crate::guest::build(&guest_dir())?;
     let vmm = build_vmm(false)?;
+    cargo(&["build", "--quiet", "--package", "bulkhead"])?;
+    let cli = root().join("target").join("debug").join("bulkhead");
     // The end-to-end tests boot exactly these.
     cargo_with_env(
         &["test", "--workspace", "--no-fail-fast"],
-        &[("BULKHEAD_KERNEL", &kernel), ("BULKHEAD_VMM", &vmm)],
+        &[
+            ("BULKHEAD_KERNEL", &guest.kernel),
+            ("BULKHEAD_INITRD", &guest.initrd),
+            ("BULKHEAD_VMM", &vmm),
+            ("BULKHEAD_CLI", &cli),
+        ],
     )
 }
