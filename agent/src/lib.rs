@@ -9,15 +9,32 @@
 //! - [`cgroup`]: cgroup v2 statistics; [`oom`]: waiting for OOM kills;
 //! - [`container`]: create/start/wait/signal/exec/stats/update/delete with
 //!   youki's libcontainer.
+//!
+//! The service layer on top of them:
+//! - [`rpc`]: the agent API (ttrpc) mapped to the core, one `do_*` per call;
+//! - [`registry`]: containers and their processes (stdio ends, stream
+//!   attachments, exit statuses) by id;
+//! - [`streams`]: the stdio stream listener (vsock port 1025);
+//! - [`mapping`]: pure translations between API messages and the core;
+//! - [`ready`]: the hello on the host's ready port;
+//! - [`init_mode`]: the binary as a container's signal-forwarding init;
+//! - [`rootfs`]: PID 1 leaves the initramfs for a tmpfs root.
 
 pub mod cgroup;
 pub mod container;
 pub mod exit;
 pub mod init;
+pub mod init_mode;
+pub mod mapping;
 pub mod oom;
 pub mod pid1;
 pub mod process;
+pub mod ready;
+pub mod registry;
+pub mod rootfs;
+pub mod rpc;
 pub mod stdio;
+pub mod streams;
 
 pub use container::{Container, ContainerError, CreateOptions, Exec};
 pub use exit::ExitStatus;

@@ -1,18 +1,37 @@
-//! `bulkhead-agent`, the guest's PID 1.
+//! `bulkhead-agent`, the guest's PID 1, and, bind-mounted into containers, their
+//! tiny init ([`bulkhead_agent::init_mode`]).
 //!
-//! As PID 1 it mounts the kernel filesystems, enables the cgroup controllers and
-//! forks the agent off a reaper ([`bulkhead_agent::pid1`]). The agent's RPC service
-//! (ttrpc over vsock) is not wired in yet: until then the agent child only reports
-//! that it is up.
+//! As PID 1 it leaves the initramfs for a tmpfs root (so that containers can
+//! `pivot_root`), mounts the kernel filesystems, enables the cgroup controllers,
+//! mounts the virtio-fs share, and forks the agent off a reaper
+//! ([`bulkhead_agent::pid1`]). The agent serves ttrpc on vsock port 1024 and the
+//! stdio streams on port 1025, and only then dials the host's ready port.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use bulkhead_agent::{init, pid1};
+use bulkhead_agent::container::DEFAULT_RUN_DIR;
+use bulkhead_agent::mapping::{SHARE_DIR, SHARE_TAG};
+use bulkhead_agent::rpc::{AgentService, Config};
+use bulkhead_agent::streams::{self, Lookup};
+use bulkhead_agent::{init, init_mode, pid1, ready, rootfs};
+use bulkhead_protocol::agent_ttrpc::{create_agent, Agent};
+use bulkhead_protocol::ttrpc::asynchronous::Server;
+use bulkhead_protocol::{AGENT_STREAM_PORT, AGENT_TTRPC_PORT, HOST_READY_PORT};
 
 fn main() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(code) = init_mode::run_if_selected(&args) {
+        std::process::exit(code);
+    }
     if std::process::id() != 1 {
         eprintln!("bulkhead-agent: must run as the guest's PID 1 (/init)");
         std::process::exit(2);
+    }
+    match rootfs::leave_initramfs(&args) {
+        Ok(()) => {}
+        Err(err) => eprintln!("bulkhead-agent: staying on the initramfs root: {err}"),
     }
     // libcontainer chdirs to its state directory and back; start from a directory
     // that always exists.
@@ -24,20 +43,84 @@ fn main() {
         Ok(enabled) => eprintln!("bulkhead-agent: cgroup controllers: {}", enabled.join(" ")),
         Err(err) => fatal(&format!("cgroup controllers: {err}")),
     }
-    let status = pid1::run_agent_under_reaper(|| {
-        eprintln!("bulkhead-agent: agent service not built yet");
-        1
-    });
+    // Without the share no container can be made, but Check and Shutdown still
+    // work, and the host gets a clear error from CreateContainer.
+    if let Err(err) = init::mount_virtiofs(SHARE_TAG, Path::new(SHARE_DIR)) {
+        eprintln!("bulkhead-agent: no shared folder: {err}");
+    }
+    let status = pid1::run_agent_under_reaper(agent_main);
     match status {
         Ok(status) => fatal(&format!("the agent ended: {status}")),
         Err(err) => fatal(&format!("starting the agent: {err}")),
     }
 }
 
+/// The agent process: a tokio runtime serving the API until the VM stops.
+fn agent_main() -> i32 {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("agent")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("bulkhead-agent: tokio runtime: {err}");
+            return 1;
+        }
+    };
+    match runtime.block_on(serve()) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("bulkhead-agent: {err}");
+            1
+        }
+    }
+}
+
+async fn serve() -> Result<(), String> {
+    let init_binary = std::env::current_exe()
+        .ok()
+        .or_else(|| Some(PathBuf::from("/init")))
+        .filter(|p| p.is_file());
+    let service = AgentService::new(Config {
+        share_dir: PathBuf::from(SHARE_DIR),
+        run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+        init_binary,
+    });
+    let agent: Arc<dyn Agent + Send + Sync> = service.clone();
+    let mut server = Server::new()
+        .bind(&format!("vsock://-1:{AGENT_TTRPC_PORT}"))
+        .map_err(|e| format!("ttrpc on vsock port {AGENT_TTRPC_PORT}: {e}"))?
+        .register_service(create_agent(agent));
+    server
+        .start()
+        .await
+        .map_err(|e| format!("starting the ttrpc server: {e}"))?;
+    let listener = streams::bind(AGENT_STREAM_PORT)
+        .map_err(|e| format!("stream listener on vsock port {AGENT_STREAM_PORT}: {e}"))?;
+    let lookup: Arc<dyn Lookup> = service;
+    tokio::spawn(streams::serve(listener, lookup));
+    // Only now can the host's requests be served: say so.
+    let _hello = ready::announce(HOST_READY_PORT)
+        .await
+        .map_err(|e| format!("dialing the host's ready port {HOST_READY_PORT}: {e}"))?;
+    eprintln!("bulkhead-agent: ready");
+    // The hello connection stays open for the agent's whole life.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 /// PID 1 must not exit (the kernel would panic without saying why): report on the
 /// console and reset the VM, which the VMM sees as the guest stopping.
 fn fatal(msg: &str) -> ! {
     eprintln!("bulkhead-agent: {msg}");
+    nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     std::process::exit(1);
 }

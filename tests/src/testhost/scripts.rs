@@ -16,7 +16,7 @@ use crate::shell::{join, quote};
 
 /// Directory of the per-run files inside the initramfs (and, after switch_root,
 /// under `/run`).
-pub const JOB_DIR: &str = "bulkhead";
+pub const JOB_DIR: &str = "bulkhead-testhost";
 
 /// `PATH` given to the command when this process has none and the caller sets
 /// none. Normally the command inherits this process's `PATH`: the guest's `/` is

@@ -1,0 +1,382 @@
+//! End-to-end: `bulkhead run --rootfs` runs a command in a container inside its
+//! own microVM, with stdio, exit codes, signals, limits and cleanup as under runc.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_tests::process;
+use common::{listing, processes_named};
+use libtest_mimic::{Failed, Trial};
+
+/// Generous: a sandbox boots in seconds under emulation.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn main() -> ExitCode {
+    common::main("run", || {
+        vec![
+            Trial::test(
+                "echo_separates_stdout_and_stderr",
+                echo_separates_stdout_and_stderr,
+            ),
+            Trial::test("exit_code_is_the_commands", exit_code_is_the_commands),
+            Trial::test("stdin_is_fed_until_eof", stdin_is_fed_until_eof),
+            Trial::test(
+                "sigterm_reaches_the_container",
+                sigterm_reaches_the_container,
+            ),
+            Trial::test("memory_limit_ooms", memory_limit_ooms),
+            Trial::test(
+                "read_only_rootfs_refuses_writes",
+                read_only_rootfs_refuses_writes,
+            ),
+            Trial::test(
+                "files_written_are_visible_on_the_host",
+                files_written_are_visible_on_the_host,
+            ),
+            Trial::test("env_and_workdir_are_honoured", env_and_workdir_are_honoured),
+            Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
+            Trial::test("rejects_empty_command", rejects_empty_command),
+            Trial::test("command_not_found_is_127", command_not_found_is_127),
+            Trial::test("rejects_too_little_memory", rejects_too_little_memory),
+        ]
+    })
+}
+
+/// A busybox root file system in a temp dir, removed (and checked) at the end.
+struct Rootfs {
+    dir: tempfile::TempDir,
+}
+
+impl Rootfs {
+    fn new() -> Result<Rootfs, Failed> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "work"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+        let applets = process::run(
+            Command::new("/bin/busybox").arg("--list"),
+            Duration::from_secs(10),
+        )?;
+        for applet in applets
+            .stdout
+            .lines()
+            .filter(|a| !a.is_empty() && *a != "busybox")
+        {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+        }
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+        Ok(Rootfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn cli() -> PathBuf {
+    std::env::var_os("BULKHEAD_CLI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("bulkhead"))
+                .expect("target dir")
+        })
+}
+
+struct RunResult {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `bulkhead run --rootfs ROOTFS EXTRA... -- CMD...`, with `stdin` fed in.
+fn bulkhead_run(
+    rootfs: &Path,
+    extra: &[&str],
+    cmd: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<RunResult, Failed> {
+    let mut c = Command::new(cli());
+    c.arg("run")
+        .arg("--rootfs")
+        .arg(rootfs)
+        .args(extra)
+        .arg("--")
+        .args(cmd);
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().ok_or("no stdin pipe")?;
+        pipe.write_all(input)?;
+    }
+    let out = wait_with_deadline(child, DEADLINE)?;
+    Ok(out)
+}
+
+fn wait_with_deadline(
+    mut child: std::process::Child,
+    deadline: Duration,
+) -> Result<RunResult, Failed> {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let until = Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("bulkhead run did not finish within {deadline:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(RunResult {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// After every test: no VMM, virtiofsd or CLI left, nothing under /run/bulkhead.
+fn nothing_left() -> Result<(), Failed> {
+    for name in ["bulkhead-vmm", "virtiofsd", "bulkhead"] {
+        let left = processes_named(name);
+        if !left.is_empty() {
+            return Err(format!("{name} processes left: {left:?}").into());
+        }
+    }
+    let run_dir = listing(Path::new("/run/bulkhead"));
+    if !run_dir.is_empty() {
+        return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
+    }
+    if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
+        return Err(format!("mount left: {}", mount.display()).into());
+    }
+    Ok(())
+}
+
+fn expect(r: &RunResult, code: i32, what: &str) -> Result<(), Failed> {
+    if r.code != code {
+        return Err(format!(
+            "{what}: expected exit {code}, got {}\nstdout: {}\nstderr: {}",
+            r.code, r.stdout, r.stderr
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn echo_separates_stdout_and_stderr() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &[],
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+        None,
+    )?;
+    expect(&r, 0, "echo")?;
+    if r.stdout != "to-stdout\n"
+        || !r.stderr.contains("to-stderr")
+        || r.stderr.contains("to-stdout")
+    {
+        return Err(format!(
+            "streams mixed up: stdout {:?}, stderr {:?}",
+            r.stdout, r.stderr
+        )
+        .into());
+    }
+    nothing_left()
+}
+
+fn exit_code_is_the_commands() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(rootfs.path(), &[], &["sh", "-c", "exit 7"], None)?;
+    expect(&r, 7, "sh -c 'exit 7'")?;
+    nothing_left()
+}
+
+fn stdin_is_fed_until_eof() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let input: Vec<u8> = (0..20_000)
+        .flat_map(|i: u32| format!("line {i}\n").into_bytes())
+        .collect();
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["-i"],
+        &["sh", "-c", "cat | wc -l"],
+        Some(&input),
+    )?;
+    expect(&r, 0, "cat")?;
+    if r.stdout.trim() != "20000" {
+        return Err(format!(
+            "the container counted {:?} lines, not 20000",
+            r.stdout.trim()
+        )
+        .into());
+    }
+    nothing_left()
+}
+
+fn sigterm_reaches_the_container() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let mut c = Command::new(cli());
+    c.arg("run")
+        .arg("--rootfs")
+        .arg(rootfs.path())
+        .args(["--", "sleep", "100"]);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn()?;
+    let pid = child.id() as i32;
+    // Wait until the container runs: its VM is up once a bulkhead-vmm exists and
+    // a few seconds have passed (under emulation the guest needs them).
+    let until = Instant::now() + DEADLINE;
+    while processes_named("bulkhead-vmm").is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(15));
+    // SAFETY: kill(2) on a child we own; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let r = wait_with_deadline(child, DEADLINE)?;
+    expect(&r, 143, "sleep 100 + SIGTERM")?;
+    nothing_left()
+}
+
+fn memory_limit_ooms() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    // Holds 64 MiB in a shell variable: far past a 32 MiB limit.
+    let hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived";
+    let r = bulkhead_run(rootfs.path(), &["--memory", "32"], &["sh", "-c", hog], None)?;
+    if r.code == 0 || r.stdout.contains("survived") {
+        return Err(format!("64 MiB fit in a 32 MiB limit: {}, {}", r.code, r.stdout).into());
+    }
+    if !r.stderr.to_lowercase().contains("oom") && r.code != 137 {
+        return Err(format!("no OOM reported: exit {}, stderr {}", r.code, r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn read_only_rootfs_refuses_writes() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["--read-only"],
+        &["sh", "-c", "echo x > /work/f"],
+        None,
+    )?;
+    if r.code == 0 || rootfs.path().join("work/f").exists() {
+        return Err(format!("a read-only rootfs took a write (exit {})", r.code).into());
+    }
+    if !r.stderr.contains("Read-only file system") {
+        return Err(format!("unexpected error: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn files_written_are_visible_on_the_host() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &[],
+        &["sh", "-c", "echo from-the-container > /work/out.txt"],
+        None,
+    )?;
+    expect(&r, 0, "write")?;
+    let text = std::fs::read_to_string(rootfs.path().join("work/out.txt"))?;
+    if text != "from-the-container\n" {
+        return Err(format!("the host sees {text:?}").into());
+    }
+    nothing_left()
+}
+
+fn env_and_workdir_are_honoured() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["-e", "GREETING=hi there", "-w", "/work"],
+        &["sh", "-c", "echo \"$GREETING\" $(pwd)"],
+        None,
+    )?;
+    expect(&r, 0, "env")?;
+    if r.stdout.trim() != "hi there /work" {
+        return Err(format!("got {:?}", r.stdout).into());
+    }
+    nothing_left()
+}
+
+fn rejects_missing_rootfs() -> Result<(), Failed> {
+    let r = bulkhead_run(Path::new("/no/such/rootfs"), &[], &["true"], None)?;
+    expect(&r, 125, "missing rootfs")?;
+    if !r.stderr.contains("is not a directory") {
+        return Err(format!("unclear error: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn rejects_empty_command() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = wait_with_deadline(
+        Command::new(cli())
+            .arg("run")
+            .arg("--rootfs")
+            .arg(rootfs.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
+        DEADLINE,
+    )?;
+    if r.code == 0 || !r.stderr.contains("CMD") {
+        return Err(format!(
+            "an empty command was not refused clearly: {} {}",
+            r.code, r.stderr
+        )
+        .into());
+    }
+    nothing_left()
+}
+
+fn command_not_found_is_127() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(rootfs.path(), &[], &["no-such-command"], None)?;
+    expect(&r, 127, "missing command")?;
+    if !r.stderr.contains("no-such-command") {
+        return Err(format!("the error does not name the command: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn rejects_too_little_memory() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(rootfs.path(), &["--memory", "2"], &["true"], None)?;
+    expect(&r, 125, "--memory 2")?;
+    if !r.stderr.contains("at least") {
+        return Err(format!("unclear error: {}", r.stderr).into());
+    }
+    nothing_left()
+}
