@@ -38,6 +38,11 @@ fn main() -> ExitCode {
                 files_written_are_visible_on_the_host,
             ),
             Trial::test("env_and_workdir_are_honoured", env_and_workdir_are_honoured),
+            Trial::test(
+                "exec_joins_a_running_container",
+                exec_joins_a_running_container,
+            ),
+            Trial::test("tty_gives_a_real_pty", tty_gives_a_real_pty),
             Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
             Trial::test("rejects_empty_command", rejects_empty_command),
             Trial::test("command_not_found_is_127", command_not_found_is_127),
@@ -326,6 +331,100 @@ fn env_and_workdir_are_honoured() -> Result<(), Failed> {
     expect(&r, 0, "env")?;
     if r.stdout.trim() != "hi there /work" {
         return Err(format!("got {:?}", r.stdout).into());
+    }
+    nothing_left()
+}
+
+fn exec_joins_a_running_container() -> Result<(), Failed> {
+    use std::io::BufRead;
+    let rootfs = Rootfs::new()?;
+    let name = "e2e-exec";
+    let mut c = Command::new(cli());
+    c.arg("run")
+        .arg("--name")
+        .arg(name)
+        .arg("--rootfs")
+        .arg(rootfs.path());
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "echo $$ > /work/main.pid; echo started; exec sleep 120",
+    ]);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().ok_or("stdout")?).read_line(&mut first)?;
+    let result = (|| -> Result<(), Failed> {
+        if first.trim() != "started" {
+            return Err(format!("the container printed {first:?}").into());
+        }
+        // The exec sees the container's file system, processes and hostname.
+        let script = "cat /work/main.pid; ls /proc | grep -c '^[0-9]'; hostname; exit 3";
+        let mut e = Command::new(cli());
+        e.args(["exec", name, "--", "sh", "-c", script]);
+        e.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let r = wait_with_deadline(e.spawn()?, DEADLINE)?;
+        expect(&r, 3, "exec")?;
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        let pid_in_container = std::fs::read_to_string(rootfs.path().join("work/main.pid"))?;
+        if lines.first().copied() != Some(pid_in_container.trim())
+            || lines.get(2).copied() != Some(name)
+        {
+            return Err(format!("the exec does not see the container: {:?}", r.stdout).into());
+        }
+        // init wrapper, sleep, the exec's shell, ...: a handful, not the guest's dozens.
+        let procs: u32 = lines.get(1).and_then(|n| n.parse().ok()).unwrap_or(999);
+        if procs > 6 {
+            return Err(format!(
+                "the exec sees {procs} processes: not in the container's pid namespace"
+            )
+            .into());
+        }
+        let unknown = wait_with_deadline(
+            Command::new(cli())
+                .args(["exec", "no-such-container", "--", "true"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+            DEADLINE,
+        )?;
+        if unknown.code != 125
+            || !unknown
+                .stderr
+                .contains("No running sandbox named no-such-container")
+        {
+            return Err(format!(
+                "exec into a missing container: {} {}",
+                unknown.code, unknown.stderr
+            )
+            .into());
+        }
+        Ok(())
+    })();
+    // SAFETY: kill(2) of our own child; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait_with_deadline(child, DEADLINE)?;
+    result?;
+    expect(&r, 143, "the main process after SIGTERM")?;
+    nothing_left()
+}
+
+fn tty_gives_a_real_pty() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["-t"],
+        &["sh", "-c", "tty; test -t 0 && test -t 1 && echo both-ttys"],
+        None,
+    )?;
+    expect(&r, 0, "-t")?;
+    if !r.stdout.contains("/dev/pts/") || !r.stdout.contains("both-ttys") {
+        return Err(format!("no pty in the container: {:?}", r.stdout).into());
     }
     nothing_left()
 }

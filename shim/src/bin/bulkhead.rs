@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
+use bulkhead::cli::exec::exec;
 use bulkhead::cli::run::{run, RunOptions};
 use bulkhead::cli::spec::ProcessOptions;
 use clap::{Parser, Subcommand};
@@ -21,6 +22,32 @@ struct Cli {
 enum Command {
     /// Run a command in a container, in its own microVM; exits with its status.
     Run(RunArgs),
+    /// Run another command in a running container (started with `run --name`).
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// The container's name.
+    name: String,
+    /// Keep stdin open and pass it to the process.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Give the process a terminal (pty).
+    #[arg(short, long)]
+    tty: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// Numeric user (and group) to run as.
+    #[arg(short, long, value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -28,6 +55,9 @@ struct RunArgs {
     /// The container's root file system: a directory on this host.
     #[arg(long, value_name = "DIR")]
     rootfs: PathBuf,
+    /// Name the container (for `bulkhead exec`); a random id otherwise.
+    #[arg(long)]
+    name: Option<String>,
     /// Keep stdin open and pass it to the container.
     #[arg(short, long)]
     interactive: bool,
@@ -82,11 +112,25 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> Result<i32> {
-    let Command::Run(args) = Cli::parse().command;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Exec(args) => {
+            let process = ProcessOptions {
+                args: args.command,
+                env: args.env,
+                cwd: args.workdir,
+                user: args.user,
+                terminal: args.tty,
+                ..Default::default()
+            };
+            let run_root = std::path::Path::new(RUN_ROOT);
+            return runtime.block_on(exec(run_root, &args.name, &process, args.interactive));
+        }
+    };
     runtime.block_on(run(RunOptions {
         rootfs: args.rootfs,
         process: ProcessOptions {
@@ -103,5 +147,6 @@ fn real_main() -> Result<i32> {
         cpus: args.cpus,
         boot_timeout: Duration::from_secs(args.boot_timeout),
         run_root: PathBuf::from(RUN_ROOT),
+        name: args.name,
     }))
 }

@@ -6,17 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bulkhead_protocol::agent::{
-    CreateContainerRequest, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
-    StdioStreams, WaitProcessRequest,
+    CreateContainerRequest, RemoveContainerRequest, StartContainerRequest, StatsContainerRequest,
 };
-use bulkhead_protocol::stream::{StreamHeader, StreamKind};
 use bulkhead_protocol::ttrpc;
-use tokio::io::AsyncWriteExt;
-use tokio::signal::unix::{signal, SignalKind};
 
 use super::artifacts::Artifacts;
+use super::process_io::{self, ProcessRef};
 use super::spec::{self, ProcessOptions};
-use crate::sandbox::{Sandbox, SandboxConfig, RPC_TIMEOUT};
+use crate::sandbox::{AgentConnection, Sandbox, SandboxConfig, RPC_TIMEOUT};
 
 /// Memory the guest itself needs besides the container (kernel, agent, page cache).
 pub const GUEST_OVERHEAD_MIB: u32 = 96;
@@ -40,6 +37,8 @@ pub struct RunOptions {
     pub boot_timeout: Duration,
     /// Where sandbox directories go.
     pub run_root: PathBuf,
+    /// The container's name (also its sandbox id); random when not given.
+    pub name: Option<String>,
 }
 
 /// Runs the container and returns the exit code the CLI should exit with.
@@ -55,7 +54,10 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
     if opts.cpus == 0 {
         bail!("--cpus must be at least 1");
     }
-    let id = new_id();
+    let id = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("bh-{}", random_hex(6)));
     let mut process = opts.process.clone();
     process.memory_limit = opts.memory_mib.map(|m| i64::from(m) << 20);
     let spec = spec::build(&process, &id, &id)?;
@@ -91,142 +93,70 @@ async fn run_in(
     spec: &oci_spec::runtime::Spec,
     opts: &RunOptions,
 ) -> Result<i32> {
-    let agent = sandbox.agent();
-    let terminal = opts.process.terminal;
-    let mut stdio = StdioStreams::new();
-    stdio.stdin = opts.interactive;
-    stdio.stdout = true;
-    stdio.stderr = !terminal;
+    let conn = sandbox.connection();
+    let process = ProcessRef {
+        container_id: id.to_owned(),
+        exec_id: String::new(),
+        interactive: opts.interactive,
+        terminal: opts.process.terminal,
+    };
     let mut create = CreateContainerRequest::new();
     create.container_id = id.to_owned();
     create.oci_spec_json = serde_json::to_vec(spec)?;
     create.rootfs_path = id.to_owned();
-    create.stdio = Some(stdio).into();
-    create.terminal = terminal;
-    agent
+    create.stdio = Some(process.streams()).into();
+    create.terminal = process.terminal;
+    conn.agent()
         .create_container(ttrpc::context::with_duration(RPC_TIMEOUT), &create)
         .await
         .context("creating the container")?;
-
-    let open =
-        |kind| sandbox.open_stream_owned(StreamHeader::new(kind, id, "").expect("valid ids"));
-    let out_kind = if terminal {
-        StreamKind::Tty
-    } else {
-        StreamKind::Stdout
-    };
-    let stdout_stream = open(out_kind).await?;
-    let stderr_stream = if terminal {
-        None
-    } else {
-        Some(open(StreamKind::Stderr).await?)
-    };
-    let stdin_stream = if opts.interactive && !terminal {
-        Some(open(StreamKind::Stdin).await?)
-    } else {
-        None
-    };
-
+    let streams = process_io::open_streams(conn, &process).await?;
     let mut start = StartContainerRequest::new();
     start.container_id = id.to_owned();
-    agent
+    conn.agent()
         .start_container(ttrpc::context::with_duration(RPC_TIMEOUT), &start)
         .await
         .context("starting the container")?;
-
-    let (mut out_read, _out_write) = stdout_stream.into_split();
-    let stdout_pump = tokio::spawn(async move {
-        let mut out = tokio::io::stdout();
-        let copied = tokio::io::copy(&mut out_read, &mut out).await;
-        let _ = out.flush().await;
-        copied
-    });
-    let stderr_pump = stderr_stream.map(|s| {
-        tokio::spawn(async move {
-            let (mut read, _write) = s.into_split();
-            let mut err = tokio::io::stderr();
-            let copied = tokio::io::copy(&mut read, &mut err).await;
-            let _ = err.flush().await;
-            copied
-        })
-    });
-    if let Some(s) = stdin_stream {
-        tokio::spawn(async move {
-            let (_read, mut write) = s.into_split();
-            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut write).await;
-            // EOF on our stdin: half-close, the agent closes the process's stdin.
-            let _ = write.shutdown().await;
-        });
-    }
-
-    let forward = forward_signals(sandbox, id);
-    let mut wait = WaitProcessRequest::new();
-    wait.container_id = id.to_owned();
-    let status = tokio::select! {
-        status = agent.wait_process(ttrpc::context::Context::default(), &wait) => status.context("waiting for the container")?,
-        err = forward => return Err(err),
-    };
-    // Output written just before exit is still in flight: drain it, bounded.
-    let drain = Duration::from_secs(10);
-    let _ = tokio::time::timeout(drain, stdout_pump).await;
-    if let Some(p) = stderr_pump {
-        let _ = tokio::time::timeout(drain, p).await;
-    }
+    let pumps = process_io::pump(streams, &process);
+    let code = process_io::wait(conn, &process, pumps).await?;
+    report_oom(conn, id, opts.memory_mib).await;
     let mut remove = RemoveContainerRequest::new();
     remove.container_id = id.to_owned();
-    if let Err(e) = agent
+    if let Err(e) = conn
+        .agent()
         .remove_container(ttrpc::context::with_duration(RPC_TIMEOUT), &remove)
         .await
     {
         tracing::warn!(container = id, "RemoveContainer: {e}");
     }
-    let code = status.shell_status().ok_or_else(|| {
-        anyhow::anyhow!("the agent reported neither an exit code nor a signal for {id}")
-    })?;
-    Ok(code as i32)
+    Ok(code)
 }
 
-/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the container's process.
-/// Only returns on failure.
-async fn forward_signals(sandbox: &Sandbox, id: &str) -> anyhow::Error {
-    let setup = || -> std::io::Result<_> {
-        Ok((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::quit())?,
-        ))
+/// Says so on stderr when the kernel's OOM killer killed a process of the container.
+async fn report_oom(conn: &AgentConnection, id: &str, limit_mib: Option<u32>) {
+    let mut req = StatsContainerRequest::new();
+    req.container_id = id.to_owned();
+    let Ok(stats) = conn
+        .agent()
+        .stats_container(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+        .await
+    else {
+        return;
     };
-    let (mut int, mut term, mut hup, mut quit) = match setup() {
-        Ok(s) => s,
-        Err(e) => return anyhow::anyhow!("cannot handle signals: {e}"),
-    };
-    loop {
-        let number = tokio::select! {
-            _ = int.recv() => libc::SIGINT,
-            _ = term.recv() => libc::SIGTERM,
-            _ = hup.recv() => libc::SIGHUP,
-            _ = quit.recv() => libc::SIGQUIT,
-        };
-        let mut req = SignalProcessRequest::new();
-        req.container_id = id.to_owned();
-        req.signal = number as u32;
-        if let Err(e) = sandbox
-            .agent()
-            .signal_process(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
-            .await
-        {
-            return anyhow::anyhow!("forwarding signal {number} to container {id}: {e}");
-        }
+    let kills = stats.memory.as_ref().map_or(0, |m| m.oom_kill);
+    if kills > 0 {
+        let limit = limit_mib
+            .map(|m| format!(" (memory limit {m} MiB)"))
+            .unwrap_or_default();
+        eprintln!("bulkhead: container {id}: {kills} process(es) killed by the out-of-memory killer{limit}");
     }
 }
 
-/// A fresh container id: "bh-" and 12 hex digits of randomness.
-fn new_id() -> String {
-    let mut bytes = [0u8; 6];
+/// `n` random bytes as hex, for ids.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
     }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("bh-{hex}")
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

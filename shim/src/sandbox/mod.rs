@@ -129,6 +129,12 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// No sandbox by that id is running.
+    #[error("No running sandbox named {id}")]
+    NotRunning {
+        /// The id.
+        id: String,
+    },
     /// The agent answered something it must not.
     #[error("The guest agent misbehaved: {0}")]
     Agent(String),
@@ -166,16 +172,94 @@ pub struct SandboxConfig {
     pub boot_timeout: Duration,
 }
 
+/// A connection to a sandbox's agent: its RPC client and the hybrid vsock
+/// socket through which stdio streams are opened. The process that started the
+/// sandbox has one inside its [`Sandbox`]; others (`bulkhead exec`) attach.
+pub struct AgentConnection {
+    vsock_uds: PathBuf,
+    agent: AgentClient,
+}
+
+impl AgentConnection {
+    /// Connects to the agent behind the hybrid vsock socket `vsock_uds`.
+    pub async fn connect(vsock_uds: &Path) -> Result<AgentConnection, SandboxError> {
+        let stream = vsock::connect(vsock_uds, AGENT_TTRPC_PORT, RPC_TIMEOUT).await?;
+        let client =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
+        let connection = AgentConnection {
+            vsock_uds: vsock_uds.to_owned(),
+            agent: AgentClient::new(client),
+        };
+        connection
+            .agent
+            .check(
+                ttrpc::context::with_duration(RPC_TIMEOUT),
+                &CheckRequest::new(),
+            )
+            .await
+            .map_err(|source| SandboxError::Rpc {
+                call: "Check",
+                source,
+            })?;
+        Ok(connection)
+    }
+
+    /// Attaches to the running sandbox `id` under `run_root`.
+    pub async fn attach(run_root: &Path, id: &str) -> Result<AgentConnection, SandboxError> {
+        bulkhead_protocol::validate_id(id)
+            .map_err(|e| SandboxError::Agent(format!("invalid sandbox id: {e}")))?;
+        let socket = run_root.join(id).join("vsock.sock");
+        if !socket.exists() {
+            return Err(SandboxError::NotRunning { id: id.to_owned() });
+        }
+        AgentConnection::connect(&socket).await
+    }
+
+    /// The agent's RPC client.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Opens one stdio stream of a process in the guest.
+    pub async fn open_stream(&self, header: &StreamHeader) -> Result<UnixStream, SandboxError> {
+        let mut stream = vsock::connect(&self.vsock_uds, AGENT_STREAM_PORT, RPC_TIMEOUT).await?;
+        let agent_err =
+            |e: &dyn std::fmt::Display| SandboxError::Agent(format!("stream header: {e}"));
+        header
+            .write_to_async(&mut stream)
+            .await
+            .map_err(|e| agent_err(&e))?;
+        let ack = tokio::time::timeout(RPC_TIMEOUT, stream.read_u8())
+            .await
+            .map_err(|_| agent_err(&"no answer in time"))?
+            .map_err(|e| agent_err(&e))?;
+        match StreamAck::from_u8(ack) {
+            Some(StreamAck::Attached) => Ok(stream),
+            other => Err(SandboxError::Agent(format!(
+                "the agent refused stream {:?} of {}/{}: {other:?}",
+                header.kind, header.container_id, header.exec_id
+            ))),
+        }
+    }
+
+    /// Like [`AgentConnection::open_stream`], taking the header by value (for closures).
+    pub async fn open_stream_owned(
+        &self,
+        header: StreamHeader,
+    ) -> Result<UnixStream, SandboxError> {
+        self.open_stream(&header).await
+    }
+}
+
 /// A running sandbox.
 pub struct Sandbox {
     id: String,
     dir: SandboxDir,
     vmm: HostProcess,
     virtiofsd: HostProcess,
-    vsock_uds: PathBuf,
     /// The agent's ready connection, held open: end-of-file on it means the agent died.
     _ready: UnixStream,
-    agent: AgentClient,
+    connection: AgentConnection,
     agent_version: String,
 }
 
@@ -242,32 +326,16 @@ impl Sandbox {
         };
         let (ready, agent_version) = ready;
 
-        let stream = vsock::connect(&vsock_uds, AGENT_TTRPC_PORT, RPC_TIMEOUT).await?;
-        let client =
-            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
-        let agent = AgentClient::new(client);
-        let sandbox = Sandbox {
+        let connection = AgentConnection::connect(&vsock_uds).await?;
+        Ok(Sandbox {
             id: config.id.clone(),
             dir,
             vmm,
             virtiofsd,
-            vsock_uds,
             _ready: ready,
-            agent,
+            connection,
             agent_version,
-        };
-        sandbox
-            .agent
-            .check(
-                ttrpc::context::with_duration(RPC_TIMEOUT),
-                &CheckRequest::new(),
-            )
-            .await
-            .map_err(|source| SandboxError::Rpc {
-                call: "Check",
-                source,
-            })?;
-        Ok(sandbox)
+        })
     }
 
     /// The sandbox id.
@@ -280,9 +348,9 @@ impl Sandbox {
         &self.agent_version
     }
 
-    /// The agent's RPC client.
-    pub fn agent(&self) -> &AgentClient {
-        &self.agent
+    /// The connection to the agent.
+    pub fn connection(&self) -> &AgentConnection {
+        &self.connection
     }
 
     /// The sandbox's host directory.
@@ -295,36 +363,6 @@ impl Sandbox {
         tail(&self.dir.file("console.log"), TAIL_LINES)
     }
 
-    /// Opens one stdio stream of a process in the guest.
-    pub async fn open_stream(&self, header: &StreamHeader) -> Result<UnixStream, SandboxError> {
-        let mut stream = vsock::connect(&self.vsock_uds, AGENT_STREAM_PORT, RPC_TIMEOUT).await?;
-        let agent_err =
-            |e: &dyn std::fmt::Display| SandboxError::Agent(format!("stream header: {e}"));
-        header
-            .write_to_async(&mut stream)
-            .await
-            .map_err(|e| agent_err(&e))?;
-        let ack = tokio::time::timeout(RPC_TIMEOUT, stream.read_u8())
-            .await
-            .map_err(|_| agent_err(&"no answer in time"))?
-            .map_err(|e| agent_err(&e))?;
-        match StreamAck::from_u8(ack) {
-            Some(StreamAck::Attached) => Ok(stream),
-            other => Err(SandboxError::Agent(format!(
-                "the agent refused stream {:?} of {}/{}: {other:?}",
-                header.kind, header.container_id, header.exec_id
-            ))),
-        }
-    }
-
-    /// Like [`Sandbox::open_stream`], taking the header by value (for closures).
-    pub async fn open_stream_owned(
-        &self,
-        header: StreamHeader,
-    ) -> Result<UnixStream, SandboxError> {
-        self.open_stream(&header).await
-    }
-
     /// Whether the VM is still running.
     pub fn vm_running(&mut self) -> bool {
         self.vmm.try_exit().is_none()
@@ -334,6 +372,7 @@ impl Sandbox {
     /// and removes the sandbox directory with its mounts.
     pub async fn stop(mut self) -> Result<(), SandboxError> {
         let polite = self
+            .connection
             .agent
             .shutdown(
                 ttrpc::context::with_duration(Duration::from_secs(2)),

@@ -1,0 +1,282 @@
+//! Wiring a guest process's stdio to this terminal: open its vsock streams,
+//! copy bytes both ways, forward signals and window size changes, wait for it,
+//! and make sure output written just before it exited is not lost.
+//!
+//! Shared by `bulkhead run` (the container's init) and `bulkhead exec`.
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bulkhead_protocol::agent::{
+    ResizeTtyRequest, SignalProcessRequest, StdioStreams, WaitProcessRequest,
+};
+use bulkhead_protocol::stream::{StreamHeader, StreamKind};
+use bulkhead_protocol::ttrpc;
+use nix::sys::termios::{self, SetArg, Termios};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinHandle;
+
+use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
+
+/// How long output may keep arriving after the process exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which process, and how its stdio is wired.
+#[derive(Clone, Debug)]
+pub struct ProcessRef {
+    /// The container.
+    pub container_id: String,
+    /// The exec id; empty for the container's init process.
+    pub exec_id: String,
+    /// Pass our stdin through.
+    pub interactive: bool,
+    /// The process has a pty.
+    pub terminal: bool,
+}
+
+impl ProcessRef {
+    /// The streams the agent should expect.
+    pub fn streams(&self) -> StdioStreams {
+        let mut s = StdioStreams::new();
+        s.stdin = self.interactive;
+        s.stdout = true;
+        s.stderr = !self.terminal;
+        s
+    }
+
+    fn header(&self, kind: StreamKind) -> Result<StreamHeader> {
+        StreamHeader::new(kind, &self.container_id, &self.exec_id)
+            .context("building a stream header")
+    }
+}
+
+/// The process's open streams.
+pub struct Streams {
+    /// stdout, or the pty (both directions) with a terminal.
+    output: UnixStream,
+    stderr: Option<UnixStream>,
+    stdin: Option<UnixStream>,
+}
+
+/// Opens every stream `process` asked for.
+pub async fn open_streams(conn: &AgentConnection, process: &ProcessRef) -> Result<Streams> {
+    let output_kind = if process.terminal {
+        StreamKind::Tty
+    } else {
+        StreamKind::Stdout
+    };
+    let output = conn.open_stream(&process.header(output_kind)?).await?;
+    let stderr = if process.terminal {
+        None
+    } else {
+        Some(
+            conn.open_stream(&process.header(StreamKind::Stderr)?)
+                .await?,
+        )
+    };
+    let stdin = if process.interactive && !process.terminal {
+        Some(
+            conn.open_stream(&process.header(StreamKind::Stdin)?)
+                .await?,
+        )
+    } else {
+        None
+    };
+    Ok(Streams {
+        output,
+        stderr,
+        stdin,
+    })
+}
+
+/// Copies of bytes in flight; awaited (bounded) after the process exits.
+pub struct Pumps {
+    output: JoinHandle<()>,
+    stderr: Option<JoinHandle<()>>,
+    _raw: Option<RawTerminal>,
+}
+
+/// Starts copying: process output to our stdout/stderr, our stdin to the process.
+pub fn pump(streams: Streams, process: &ProcessRef) -> Pumps {
+    let (mut out_read, mut out_write) = streams.output.into_split();
+    let raw = if process.terminal {
+        RawTerminal::enter()
+    } else {
+        None
+    };
+    if process.terminal && process.interactive {
+        // The pty stream carries keystrokes the other way.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut out_write).await;
+        });
+    }
+    let output = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut out_read, &mut out).await;
+        let _ = out.flush().await;
+    });
+    let stderr = streams.stderr.map(|s| {
+        tokio::spawn(async move {
+            let (mut read, _write) = s.into_split();
+            let mut err = tokio::io::stderr();
+            let _ = tokio::io::copy(&mut read, &mut err).await;
+            let _ = err.flush().await;
+        })
+    });
+    if let Some(s) = streams.stdin {
+        tokio::spawn(async move {
+            let (_read, mut write) = s.into_split();
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut write).await;
+            // EOF on our stdin: half-close; the agent closes the process's stdin.
+            let _ = write.shutdown().await;
+        });
+    }
+    Pumps {
+        output,
+        stderr,
+        _raw: raw,
+    }
+}
+
+/// Waits for the process to exit while forwarding signals and window size
+/// changes, then lets the output drain. Returns its status like a shell does.
+pub async fn wait(conn: &AgentConnection, process: &ProcessRef, pumps: Pumps) -> Result<i32> {
+    let mut request = WaitProcessRequest::new();
+    request.container_id = process.container_id.clone();
+    request.exec_id = process.exec_id.clone();
+    let status = tokio::select! {
+        status = conn.agent().wait_process(ttrpc::context::Context::default(), &request) => {
+            status.with_context(|| format!("waiting for {}", describe(process)))?
+        }
+        err = forward_signals(conn, process) => return Err(err),
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, pumps.output).await;
+    if let Some(p) = pumps.stderr {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, p).await;
+    }
+    drop(pumps._raw);
+    let code = status.shell_status().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the agent reported no exit status for {}",
+            describe(process)
+        )
+    })?;
+    Ok(code as i32)
+}
+
+fn describe(process: &ProcessRef) -> String {
+    if process.exec_id.is_empty() {
+        format!("container {}", process.container_id)
+    } else {
+        format!(
+            "exec {} in container {}",
+            process.exec_id, process.container_id
+        )
+    }
+}
+
+/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the process, and the window
+/// size (now and on SIGWINCH) to its pty. Only returns on failure.
+async fn forward_signals(conn: &AgentConnection, process: &ProcessRef) -> anyhow::Error {
+    let setup = || -> std::io::Result<_> {
+        Ok((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::quit())?,
+            signal(SignalKind::window_change())?,
+        ))
+    };
+    let (mut int, mut term, mut hup, mut quit, mut winch) = match setup() {
+        Ok(s) => s,
+        Err(e) => return anyhow::anyhow!("cannot handle signals: {e}"),
+    };
+    if process.terminal {
+        resize(conn, process).await;
+    }
+    loop {
+        let number = tokio::select! {
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
+            _ = quit.recv() => libc::SIGQUIT,
+            _ = winch.recv() => {
+                if process.terminal {
+                    resize(conn, process).await;
+                }
+                continue;
+            }
+        };
+        let mut req = SignalProcessRequest::new();
+        req.container_id = process.container_id.clone();
+        req.exec_id = process.exec_id.clone();
+        req.signal = number as u32;
+        if let Err(e) = conn
+            .agent()
+            .signal_process(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+        {
+            return anyhow::anyhow!("forwarding signal {number} to {}: {e}", describe(process));
+        }
+    }
+}
+
+/// Sends our terminal's size to the process's pty (nothing if we have none).
+async fn resize(conn: &AgentConnection, process: &ProcessRef) {
+    let Some((rows, cols)) = window_size() else {
+        return;
+    };
+    let mut req = ResizeTtyRequest::new();
+    req.container_id = process.container_id.clone();
+    req.exec_id = process.exec_id.clone();
+    req.rows = u32::from(rows);
+    req.cols = u32::from(cols);
+    if let Err(e) = conn
+        .agent()
+        .resize_tty(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+        .await
+    {
+        tracing::debug!("ResizeTty: {e}");
+    }
+}
+
+/// Our stdout's terminal size, if it is a terminal.
+fn window_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass; the fd is
+    // our stdout, valid for the process's life.
+    let rc = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
+
+/// Our terminal in raw mode (keystrokes go to the guest's pty as they are),
+/// restored when dropped.
+pub struct RawTerminal {
+    saved: Termios,
+}
+
+impl RawTerminal {
+    /// Switches stdin to raw mode if it is a terminal.
+    pub fn enter() -> Option<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
+    }
+}
