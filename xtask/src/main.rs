@@ -9,6 +9,7 @@ mod demo;
 mod guest;
 mod kernel;
 mod place;
+mod rootfs;
 mod setup;
 mod workspace;
 

@@ -208,8 +208,8 @@ impl TestHost {
     /// status.
     ///
     /// Inside, `/` is this machine's `/` (read-only, with writes going to a tmpfs
-    /// overlay that vanishes with the run), while `/tmp` and `/run` are fresh
-    /// tmpfs: files under this machine's `/tmp` are not visible there. The guest
+    /// overlay that vanishes with the run), `/tmp` included so that a checkout
+    /// under it works; `/run` is a fresh tmpfs. The guest
     /// caches the shared `/`, so changes made on this machine during a run may not
     /// show inside it. `argv[0]`
     /// is looked up in the command's `PATH` and run by its full path. Stdin is
@@ -381,7 +381,7 @@ impl TestHost {
 }
 
 /// Write the per-run initrd: the cached base archive followed by a second archive
-/// holding `/bulkhead/nonce` and `/bulkhead/stage2.sh` (the kernel unpacks
+/// holding `/<JOB_DIR>/nonce` and `/<JOB_DIR>/stage2.sh` (the kernel unpacks
 /// concatenated archives in turn).
 fn write_initrd(base: &Path, out: &Path, nonce: &str, stage2: &str) -> Result<()> {
     let mut bytes = std::fs::read(base).at("reading", base)?;
@@ -457,7 +457,7 @@ mod tests {
         let base_len = std::fs::metadata(&base).expect("stat").len() as usize;
         assert_eq!(&bytes[base_len..base_len + 6], b"070701");
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains("bulkhead/stage2.sh"));
+        assert!(text.contains(&format!("{JOB_DIR}/stage2.sh")));
         assert_eq!(text.matches("TRAILER!!!").count(), 2);
     }
 }

@@ -68,7 +68,8 @@ for d in dev proc sys; do
     mount --move /$d /newroot/$d || fail "cannot move /$d into the new root"
 done
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "cannot mount /run"
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "cannot mount /tmp"
+# /tmp stays part of the overlay: a checkout or build under this machine's /tmp
+# (CI clones anywhere) must be visible inside; writes still land in the tmpfs.
 mkdir -p /newroot/run/{JOB_DIR}
 cp /bin/busybox /{JOB_DIR}/* /newroot/run/{JOB_DIR}/ || fail "cannot copy the job files"
 exec switch_root /newroot /run/{JOB_DIR}/busybox sh /run/{JOB_DIR}/stage2.sh

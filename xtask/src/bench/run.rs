@@ -33,33 +33,10 @@ pub fn run(runs: usize) -> Result<()> {
         guest::build(&workspace::guest_dir())?;
         workspace::build_vmm(true)?;
         workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
-        make_rootfs(&inputs.rootfs)?;
+        crate::rootfs::busybox(&inputs.rootfs)?;
         make_runc_bundle(&inputs.bundle, &inputs.rootfs)?;
     }
     place::run_with_kvm("bench run", || measure(&inputs, runs.max(1)))
-}
-
-/// A busybox root file system (the same one for both runtimes).
-fn make_rootfs(dir: &Path) -> Result<()> {
-    if dir.join("bin/busybox").exists() {
-        return Ok(());
-    }
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
-        .context("copying /bin/busybox (busybox-static)")?;
-    let list = Command::new("/bin/busybox").arg("--list").output()?;
-    for applet in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        let link = dir.join("bin").join(applet);
-        if !link.exists() {
-            std::os::unix::fs::symlink("busybox", link)?;
-        }
-    }
-    Ok(())
 }
 
 /// `runc spec`'s default config, non-interactive, rooted at `rootfs`.
