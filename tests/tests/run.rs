@@ -43,6 +43,10 @@ fn main() -> ExitCode {
                 exec_joins_a_running_container,
             ),
             Trial::test("tty_gives_a_real_pty", tty_gives_a_real_pty),
+            Trial::test(
+                "killed_vmm_ends_the_run_cleanly",
+                killed_vmm_ends_the_run_cleanly,
+            ),
             Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
             Trial::test("rejects_empty_command", rejects_empty_command),
             Trial::test("command_not_found_is_127", command_not_found_is_127),
@@ -425,6 +429,44 @@ fn tty_gives_a_real_pty() -> Result<(), Failed> {
     expect(&r, 0, "-t")?;
     if !r.stdout.contains("/dev/pts/") || !r.stdout.contains("both-ttys") {
         return Err(format!("no pty in the container: {:?}", r.stdout).into());
+    }
+    nothing_left()
+}
+
+fn killed_vmm_ends_the_run_cleanly() -> Result<(), Failed> {
+    use std::io::BufRead;
+    let rootfs = Rootfs::new()?;
+    let mut c = Command::new(cli());
+    c.arg("run").arg("--rootfs").arg(rootfs.path()).args([
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 120",
+    ]);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().ok_or("stdout")?).read_line(&mut first)?;
+    for pid in processes_named("bulkhead-vmm") {
+        // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let started = Instant::now();
+    let r = wait_with_deadline(child, DEADLINE)?;
+    if r.code == 0 || r.code == 143 {
+        return Err(format!("a killed VM was reported as a normal exit ({})", r.code).into());
+    }
+    if started.elapsed() > Duration::from_secs(60) {
+        return Err(format!(
+            "bulkhead run took {:?} to notice its VM died",
+            started.elapsed()
+        )
+        .into());
+    }
+    if !r.stderr.contains("bulkhead:") {
+        return Err(format!("no error message: {}", r.stderr).into());
     }
     nothing_left()
 }
