@@ -272,6 +272,8 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         bulkhead_protocol::validate_id(&config.id)
             .map_err(|e| SandboxError::Agent(format!("invalid sandbox id: {e}")))?;
+        let started = std::time::Instant::now();
+        let step = |what: &str| tracing::info!(sandbox = %config.id, ms = started.elapsed().as_millis() as u64, "{what}");
         let mut dir = SandboxDir::create(&config.run_root, &config.id)?;
         for (name, source) in shares {
             dir.bind_into_share(source, name)?;
@@ -285,6 +287,7 @@ impl Sandbox {
         )
         .await?;
 
+        step("virtiofsd up");
         let vsock_uds = dir.file("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
         let ready_listener =
@@ -325,8 +328,10 @@ impl Sandbox {
             }
         };
         let (ready, agent_version) = ready;
+        step("agent ready");
 
         let connection = AgentConnection::connect(&vsock_uds).await?;
+        step("agent connected");
         Ok(Sandbox {
             id: config.id.clone(),
             dir,

@@ -154,7 +154,14 @@ fn measure(inputs: &Inputs, runs: usize) -> Result<()> {
     }
     let (b, r) = (median(&mut starts[0]), median(&mut starts[1]));
     println!("median first byte: bulkhead {b:.1} ms, runc {r:.1} ms");
+    println!("start ratio bulkhead/runc: {:.2} (goal <= 3)", b / r);
 
+    let idle = idle_sandbox_memory(inputs)?;
+    println!(
+        "idle sandbox host memory: {:.1} MiB PSS of bulkhead-vmm + virtiofsd + CLI, of which {:.1} MiB guest RAM touched; \
+         overhead without guest RAM {:.1} MiB (goal <= 20 MiB)",
+        idle.0, idle.1, idle.0 - idle.1
+    );
     let mut rates = [0.0f64; 2];
     let cat = format!("head -c {THROUGHPUT_BYTES} /dev/zero");
     for (k, runtime) in ["bulkhead", "runc"].iter().enumerate() {
@@ -176,17 +183,10 @@ fn measure(inputs: &Inputs, runs: usize) -> Result<()> {
         );
     }
 
-    let idle = idle_sandbox_memory(inputs)?;
-    println!(
-        "idle sandbox host memory: {:.1} MiB PSS of bulkhead-vmm + virtiofsd + CLI, of which {:.1} MiB guest RAM touched; \
-         overhead without guest RAM {:.1} MiB (goal <= 20 MiB)",
-        idle.0, idle.1, idle.0 - idle.1
-    );
     println!(
         "stdout throughput ratio bulkhead/runc: {:.2} (goal >= 0.5)",
         rates[0] / rates[1]
     );
-    println!("start ratio bulkhead/runc: {:.2} (goal <= 3)", b / r);
     Ok(())
 }
 
