@@ -171,6 +171,30 @@ fn wait_with_deadline(
     })
 }
 
+/// Starts `bulkhead run` in the background and waits for the first line the
+/// container prints (so the container is known to run); returns the child.
+fn spawn_until_first_line(
+    rootfs: &Rootfs,
+    extra: &[&str],
+    cmd: &[&str],
+) -> Result<(std::process::Child, String), Failed> {
+    use std::io::BufRead;
+    let mut c = Command::new(cli());
+    c.arg("run")
+        .arg("--rootfs")
+        .arg(rootfs.path())
+        .args(extra)
+        .arg("--")
+        .args(cmd);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().ok_or("stdout")?).read_line(&mut first)?;
+    Ok((child, first))
+}
+
 /// After every test: no VMM, virtiofsd or CLI left, nothing under /run/bulkhead.
 fn nothing_left() -> Result<(), Failed> {
     for name in ["bulkhead-vmm", "virtiofsd", "bulkhead"] {
@@ -340,27 +364,10 @@ fn env_and_workdir_are_honoured() -> Result<(), Failed> {
 }
 
 fn exec_joins_a_running_container() -> Result<(), Failed> {
-    use std::io::BufRead;
     let rootfs = Rootfs::new()?;
     let name = "e2e-exec";
-    let mut c = Command::new(cli());
-    c.arg("run")
-        .arg("--name")
-        .arg(name)
-        .arg("--rootfs")
-        .arg(rootfs.path());
-    c.args([
-        "--",
-        "sh",
-        "-c",
-        "echo $$ > /work/main.pid; echo started; exec sleep 120",
-    ]);
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn()?;
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().ok_or("stdout")?).read_line(&mut first)?;
+    let script = "echo $$ > /work/main.pid; echo started; exec sleep 120";
+    let (child, first) = spawn_until_first_line(&rootfs, &["--name", name], &["sh", "-c", script])?;
     let result = (|| -> Result<(), Failed> {
         if first.trim() != "started" {
             return Err(format!("the container printed {first:?}").into());
@@ -434,21 +441,9 @@ fn tty_gives_a_real_pty() -> Result<(), Failed> {
 }
 
 fn killed_vmm_ends_the_run_cleanly() -> Result<(), Failed> {
-    use std::io::BufRead;
     let rootfs = Rootfs::new()?;
-    let mut c = Command::new(cli());
-    c.arg("run").arg("--rootfs").arg(rootfs.path()).args([
-        "--",
-        "sh",
-        "-c",
-        "echo started; exec sleep 120",
-    ]);
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn()?;
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().ok_or("stdout")?).read_line(&mut first)?;
+    let (child, _) =
+        spawn_until_first_line(&rootfs, &[], &["sh", "-c", "echo started; exec sleep 120"])?;
     for pid in processes_named("bulkhead-vmm") {
         // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };

@@ -26,10 +26,9 @@ enum Command {
     Exec(ExecArgs),
 }
 
+/// The process flags `run` and `exec` share.
 #[derive(Debug, clap::Args)]
-struct ExecArgs {
-    /// The container's name.
-    name: String,
+struct ProcessArgs {
     /// Keep stdin open and pass it to the process.
     #[arg(short, long)]
     interactive: bool,
@@ -50,6 +49,28 @@ struct ExecArgs {
     command: Vec<String>,
 }
 
+impl ProcessArgs {
+    fn options(self, read_only: bool) -> ProcessOptions {
+        ProcessOptions {
+            args: self.command,
+            env: self.env,
+            cwd: self.workdir,
+            user: self.user,
+            terminal: self.tty,
+            read_only,
+            memory_limit: None,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// The container's name.
+    name: String,
+    #[command(flatten)]
+    process: ProcessArgs,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// The container's root file system: a directory on this host.
@@ -58,21 +79,8 @@ struct RunArgs {
     /// Name the container (for `bulkhead exec`); a random id otherwise.
     #[arg(long)]
     name: Option<String>,
-    /// Keep stdin open and pass it to the container.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Give the container a terminal (pty).
-    #[arg(short, long)]
-    tty: bool,
-    /// Set an environment variable (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short, long = "workdir", value_name = "DIR")]
-    workdir: Option<String>,
-    /// Numeric user (and group) to run as.
-    #[arg(short, long, value_name = "UID[:GID]")]
-    user: Option<String>,
+    #[command(flatten)]
+    process: ProcessArgs,
     /// Container memory limit in MiB (the microVM gets this plus the guest's share).
     #[arg(long, value_name = "MIB")]
     memory: Option<u32>,
@@ -85,9 +93,6 @@ struct RunArgs {
     /// Seconds the microVM has to come up.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     boot_timeout: u64,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
 }
 
 /// Where sandbox directories live.
@@ -116,37 +121,25 @@ fn real_main() -> Result<i32> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let args = match Cli::parse().command {
-        Command::Run(args) => args,
+    let run_root = PathBuf::from(RUN_ROOT);
+    match Cli::parse().command {
         Command::Exec(args) => {
-            let process = ProcessOptions {
-                args: args.command,
-                env: args.env,
-                cwd: args.workdir,
-                user: args.user,
-                terminal: args.tty,
-                ..Default::default()
-            };
-            let run_root = std::path::Path::new(RUN_ROOT);
-            return runtime.block_on(exec(run_root, &args.name, &process, args.interactive));
+            let interactive = args.process.interactive;
+            let process = args.process.options(false);
+            runtime.block_on(exec(&run_root, &args.name, &process, interactive))
         }
-    };
-    runtime.block_on(run(RunOptions {
-        rootfs: args.rootfs,
-        process: ProcessOptions {
-            args: args.command,
-            env: args.env,
-            cwd: args.workdir,
-            user: args.user,
-            terminal: args.tty,
-            read_only: args.read_only,
-            memory_limit: None,
-        },
-        interactive: args.interactive,
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        boot_timeout: Duration::from_secs(args.boot_timeout),
-        run_root: PathBuf::from(RUN_ROOT),
-        name: args.name,
-    }))
+        Command::Run(args) => {
+            let interactive = args.process.interactive;
+            runtime.block_on(run(RunOptions {
+                rootfs: args.rootfs,
+                process: args.process.options(args.read_only),
+                interactive,
+                memory_mib: args.memory,
+                cpus: args.cpus,
+                boot_timeout: Duration::from_secs(args.boot_timeout),
+                run_root,
+                name: args.name,
+            }))
+        }
+    }
 }
