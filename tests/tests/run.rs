@@ -47,6 +47,10 @@ fn main() -> ExitCode {
                 "killed_vmm_ends_the_run_cleanly",
                 killed_vmm_ends_the_run_cleanly,
             ),
+            Trial::test(
+                "sigterm_while_booting_cleans_up",
+                sigterm_while_booting_cleans_up,
+            ),
             Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
             Trial::test("rejects_empty_command", rejects_empty_command),
             Trial::test("command_not_found_is_127", command_not_found_is_127),
@@ -462,6 +466,32 @@ fn killed_vmm_ends_the_run_cleanly() -> Result<(), Failed> {
     }
     if !r.stderr.contains("bulkhead:") {
         return Err(format!("no error message: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn sigterm_while_booting_cleans_up() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let mut c = Command::new(cli());
+    c.arg("run")
+        .arg("--rootfs")
+        .arg(rootfs.path())
+        .args(["--", "true"]);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn()?;
+    // The VMM exists but the guest has not booted yet (that takes seconds here).
+    let until = Instant::now() + DEADLINE;
+    while processes_named("bulkhead-vmm").is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) of our own child; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait_with_deadline(child, DEADLINE)?;
+    expect(&r, 143, "SIGTERM during boot")?;
+    if !r.stderr.contains("while starting the microVM") {
+        return Err(format!("no word about the interruption: {}", r.stderr).into());
     }
     nothing_left()
 }

@@ -77,7 +77,17 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
         .rootfs
         .canonicalize()
         .with_context(|| format!("resolving {}", opts.rootfs.display()))?;
-    let sandbox = Sandbox::start(&config, &[(id.as_str(), rootfs.as_path())]).await?;
+    // Until the container runs, a signal cancels the start: dropping the start
+    // future kills what it spawned and removes the sandbox directory.
+    let interrupted = first_signal();
+    let shares = [(id.as_str(), rootfs.as_path())];
+    let sandbox = tokio::select! {
+        sandbox = Sandbox::start(&config, &shares) => sandbox?,
+        number = interrupted => {
+            eprintln!("bulkhead: interrupted by signal {number} while starting the microVM");
+            return Ok(128 + number);
+        }
+    };
     let result = run_in(&sandbox, &id, &spec, &opts).await;
     let console = sandbox.console_tail();
     let stopped = sandbox.stop().await;
@@ -149,6 +159,24 @@ async fn report_oom(conn: &AgentConnection, id: &str, limit_mib: Option<u32>) {
             .map(|m| format!(" (memory limit {m} MiB)"))
             .unwrap_or_default();
         eprintln!("bulkhead: container {id}: {kills} process(es) killed by the out-of-memory killer{limit}");
+    }
+}
+
+/// The first of SIGINT, SIGTERM or SIGHUP (registering them also stops them from
+/// killing the CLI outright, which would leave the VM behind).
+async fn first_signal() -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => libc::SIGINT,
+        _ = term.recv() => libc::SIGTERM,
+        _ = hup.recv() => libc::SIGHUP,
     }
 }
 
