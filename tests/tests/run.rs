@@ -51,6 +51,7 @@ fn main() -> ExitCode {
                 "sigterm_while_booting_cleans_up",
                 sigterm_while_booting_cleans_up,
             ),
+            Trial::test("user_is_honoured", user_is_honoured),
             Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
             Trial::test("rejects_empty_command", rejects_empty_command),
             Trial::test("command_not_found_is_127", command_not_found_is_127),
@@ -492,6 +493,26 @@ fn sigterm_while_booting_cleans_up() -> Result<(), Failed> {
     expect(&r, 143, "SIGTERM during boot")?;
     if !r.stderr.contains("while starting the microVM") {
         return Err(format!("no word about the interruption: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+fn user_is_honoured() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["--user", "1000:1001"],
+        &["sh", "-c", "id -u; id -g; touch /work/f || echo denied"],
+        None,
+    )?;
+    expect(&r, 0, "--user")?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    if lines.first() != Some(&"1000") || lines.get(1) != Some(&"1001") {
+        return Err(format!("ran as {:?}, not 1000:1001", r.stdout).into());
+    }
+    // /work belongs to root on the host: an unprivileged user may not write it.
+    if lines.get(2) != Some(&"denied") {
+        return Err(format!("uid 1000 wrote into a root-owned directory: {:?}", r.stdout).into());
     }
     nothing_left()
 }
