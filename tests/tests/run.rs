@@ -282,27 +282,19 @@ fn stdin_is_fed_until_eof() -> Result<(), Failed> {
 
 fn sigterm_reaches_the_container() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
-    let mut c = Command::new(cli());
-    c.arg("run")
-        .arg("--rootfs")
-        .arg(rootfs.path())
-        .args(["--", "sleep", "100"]);
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = c.spawn()?;
-    let pid = child.id() as i32;
-    // Wait until the container runs: its VM is up once a bulkhead-vmm exists and
-    // a few seconds have passed (under emulation the guest needs them).
-    let until = Instant::now() + DEADLINE;
-    while processes_named("bulkhead-vmm").is_empty() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
+    // Wait until the container runs (it says so), then signal the CLI.
+    let (child, first) =
+        spawn_until_first_line(&rootfs, &[], &["sh", "-c", "echo started; exec sleep 100"])?;
+    if first.trim() != "started" {
+        return Err(format!("the container printed {first:?}").into());
     }
-    std::thread::sleep(Duration::from_secs(15));
-    // SAFETY: kill(2) on a child we own; no memory is involved.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // SAFETY: kill(2) of our own child; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let r = wait_with_deadline(child, DEADLINE)?;
     expect(&r, 143, "sleep 100 + SIGTERM")?;
+    if r.stderr.contains("while starting") {
+        return Err("the signal arrived before the container ran".into());
+    }
     nothing_left()
 }
 
