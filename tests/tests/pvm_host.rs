@@ -77,14 +77,7 @@ fn spinning_guest_is_stopped() -> Result<(), Failed> {
         ],
         Duration::from_secs(60),
     );
-    if run.code() != 3 {
-        return Err(format!(
-            "expected exit 3 (boot timeout), got {}: {}",
-            run.code(),
-            run.stderr
-        )
-        .into());
-    }
+    run.expect_code(3, "boot timeout")?;
     if !run.stderr.contains("within 5 s") || !run.stderr.contains("Last console lines") {
         return Err(format!(
             "the timeout error lacks the deadline or the console tail: {}",

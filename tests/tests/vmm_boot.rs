@@ -383,14 +383,7 @@ fn boot_timeout_stops_a_silent_guest() -> Result<(), Failed> {
         ],
         RUN_DEADLINE,
     );
-    if run.code() != 3 {
-        return Err(format!(
-            "expected exit 3 (boot timeout), got {}: {}",
-            run.code(),
-            run.stderr
-        )
-        .into());
-    }
+    run.expect_code(3, "boot timeout")?;
     for needle in [
         "NEVER-PRINTED",
         "within 20 s",

@@ -159,6 +159,19 @@ impl VmmRun {
             .code()
             .unwrap_or_else(|| panic!("bulkhead-vmm died by signal: {self:#?}"))
     }
+
+    /// Fails, with stderr, unless the VMM exited with `code` (`what` names it).
+    pub fn expect_code(&self, code: i32, what: &str) -> Result<(), libtest_mimic::Failed> {
+        if self.code() != code {
+            return Err(format!(
+                "expected exit {code} ({what}), got {}: {}",
+                self.code(),
+                self.stderr
+            )
+            .into());
+        }
+        Ok(())
+    }
 }
 
 /// Runs bulkhead-vmm with `args`, killing it after `timeout`.
