@@ -457,8 +457,9 @@ fn killed_vmm_ends_the_run_cleanly() -> Result<(), Failed> {
         )
         .into());
     }
-    if !r.stderr.contains("bulkhead:") {
-        return Err(format!("no error message: {}", r.stderr).into());
+    // The error names the cause (the VM stopped, killed), not just a closed socket.
+    if !r.stderr.contains("bulkhead:") || !r.stderr.contains("the microVM stopped") {
+        return Err(format!("the error does not say the microVM stopped: {}", r.stderr).into());
     }
     nothing_left()
 }

@@ -89,10 +89,21 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
         }
     };
     let result = run_in(&sandbox, &id, &spec, &opts).await;
+    let mut sandbox = sandbox;
     let console = sandbox.console_tail();
+    // A failed RPC is usually the symptom (the connection closed); when the VM
+    // itself died, its exit report is the cause.
+    let vm_report = if result.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sandbox.vm_exit_report()
+    } else {
+        None
+    };
     let stopped = sandbox.stop().await;
-    let code =
-        result.with_context(|| format!("container {id}; last guest console lines:\n{console}"))?;
+    let code = result.with_context(|| {
+        let cause = vm_report.map(|r| format!("{r}\n")).unwrap_or_default();
+        format!("container {id}: {cause}last guest console lines:\n{console}")
+    })?;
     stopped.context("cleaning up the sandbox")?;
     Ok(code)
 }

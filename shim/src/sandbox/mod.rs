@@ -373,6 +373,17 @@ impl Sandbox {
         self.vmm.try_exit().is_none()
     }
 
+    /// If the VM has stopped: how, in bulkhead-vmm's words (its exit status and
+    /// the last lines of its log, e.g. "vCPU 0 triple-faulted" or a kernel panic).
+    /// Lets errors name the real cause instead of a closed connection.
+    pub fn vm_exit_report(&mut self) -> Option<String> {
+        let status = self.vmm.try_exit()?;
+        Some(format!(
+            "the microVM stopped ({status}); bulkhead-vmm said:\n{}",
+            self.vmm.log_tail(TAIL_LINES)
+        ))
+    }
+
     /// Asks the agent to shut the VM down, then makes sure every process is gone
     /// and removes the sandbox directory with its mounts.
     pub async fn stop(mut self) -> Result<(), SandboxError> {
