@@ -9,6 +9,16 @@ use bulkhead_tests::testhost::TestHost;
 /// hardware-style KVM; otherwise runs this same xtask invocation inside the
 /// emulated host. Says which.
 pub fn run_with_kvm(name: &str, task: impl FnOnce() -> Result<()>) -> Result<()> {
+    run_with_kvm_on(name, None, task)
+}
+
+/// Like [`run_with_kvm`], with `host_vcpus` vCPUs for the emulated host if one
+/// is needed (its default otherwise).
+pub fn run_with_kvm_on(
+    name: &str,
+    host_vcpus: Option<u32>,
+    task: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     if kvm::inside_emulated_host() {
         println!("{name}: running inside the emulated KVM host");
         return task();
@@ -29,8 +39,13 @@ pub fn run_with_kvm(name: &str, task: impl FnOnce() -> Result<()>) -> Result<()>
                 .iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect();
+            let mut host = TestHost::builder();
+            if let Some(vcpus) = host_vcpus {
+                host = host.vcpus(vcpus);
+            }
             let outcome =
-                TestHost::new()?.run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
+                host.build()?
+                    .run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
             if outcome.exit_code != 0 {
                 bail!(
                     "{name} failed inside the emulated host (exit {})",
