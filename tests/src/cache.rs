@@ -19,10 +19,12 @@ use crate::error::IoContext;
 /// `$HOME/.cache/bulkhead` (falling back to the system temp dir if even `$HOME` is
 /// unset). Exists so every tool of the project agrees on one location.
 pub fn cache_root() -> PathBuf {
-    root_from(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+    root_from(|name| std::env::var_os(name))
 }
 
-fn root_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+fn root_from(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    // An empty variable counts as unset.
+    let var = |name: &str| get(name).filter(|v| !v.is_empty());
     if let Some(dir) = var("BULKHEAD_CACHE") {
         return PathBuf::from(dir);
     }
@@ -144,6 +146,10 @@ mod tests {
         );
         assert_eq!(
             root_from(vars(&[("HOME", "/h")])),
+            PathBuf::from("/h/.cache/bulkhead")
+        );
+        assert_eq!(
+            root_from(vars(&[("BULKHEAD_CACHE", ""), ("HOME", "/h")])),
             PathBuf::from("/h/.cache/bulkhead")
         );
     }

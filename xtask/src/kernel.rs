@@ -10,7 +10,6 @@
 //! caller wants it. See `guest-kernel-config/README.md`.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::Read;
@@ -34,24 +33,6 @@ const CONFIG_DIR: &str = "guest-kernel-config";
 /// How often a long step prints that it is still alive.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
-/// Where bulkhead caches build products that are too big or too slow for the repo:
-/// `$BULKHEAD_CACHE`, else `$XDG_CACHE_HOME/bulkhead`, else `$HOME/.cache/bulkhead`.
-///
-/// Same rule as `bulkhead_tests::cache::cache_root()`, so the tests find the kernel
-/// this task builds. Empty variables count as unset.
-pub fn cache_root() -> Result<PathBuf> {
-    cache_root_from(|k| std::env::var_os(k)).context(
-        "cannot choose a cache folder: none of BULKHEAD_CACHE, XDG_CACHE_HOME, HOME is set",
-    )
-}
-
-fn cache_root_from(get: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
-    let var = |k: &str| get(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("BULKHEAD_CACHE")
-        .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("bulkhead")))
-        .or_else(|| var("HOME").map(|p| p.join(".cache").join("bulkhead")))
-}
-
 /// The workspace root: xtask lives in `<root>/xtask`.
 fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -65,7 +46,7 @@ fn repo_root() -> PathBuf {
 /// guest kernel, so that every user and CI run boots the same, verified config.
 /// A fresh build takes about 5 minutes on 2 cores; a cached call, milliseconds.
 pub fn build(out_dir: &Path) -> Result<PathBuf> {
-    let cache = cache_root()?;
+    let cache = bulkhead_tests::cache::cache_root();
     let inputs = Inputs::load(&repo_root(), &cache)?;
     let entry = inputs.entry_dir(&cache);
     let cached = entry.join("vmlinux");
@@ -79,20 +60,6 @@ pub fn build(out_dir: &Path) -> Result<PathBuf> {
         println!("kernel: {}", placed.display());
     }
     Ok(placed)
-}
-
-/// The cached `vmlinux` for the current inputs, if it has been built.
-///
-/// Exists for tests and tools that want the kernel without triggering a build:
-/// `Ok(None)` means "run `cargo xtask kernel` first". Errors mean the inputs
-/// themselves are missing (no source tarball, unreadable fragment).
-// Not called by every task set; kept as the no-build way to ask for the kernel.
-#[allow(dead_code)]
-pub fn kernel_path_if_cached() -> Result<Option<PathBuf>> {
-    let cache = cache_root()?;
-    let inputs = Inputs::load(&repo_root(), &cache)?;
-    let path = inputs.entry_dir(&cache).join("vmlinux");
-    Ok(path.is_file().then_some(path))
 }
 
 /// Everything the kernel build depends on, read once.
@@ -559,31 +526,6 @@ fn mib(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cache_root_follows_the_rule() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| OsString::from(*v))
-            }
-        };
-        assert_eq!(
-            cache_root_from(env(&[("BULKHEAD_CACHE", "/c"), ("HOME", "/h")])),
-            Some(PathBuf::from("/c"))
-        );
-        assert_eq!(
-            cache_root_from(env(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")])),
-            Some(PathBuf::from("/x/bulkhead"))
-        );
-        assert_eq!(
-            cache_root_from(env(&[("BULKHEAD_CACHE", ""), ("HOME", "/h")])),
-            Some(PathBuf::from("/h/.cache/bulkhead"))
-        );
-        assert_eq!(cache_root_from(env(&[])), None);
-    }
 
     #[test]
     fn key_changes_with_every_input() {

@@ -162,7 +162,7 @@ fn effective_uid() -> Option<u32> {
 }
 
 fn logs_dir() -> Result<PathBuf> {
-    let dir = crate::kernel::cache_root()?.join("logs");
+    let dir = bulkhead_tests::cache::cache_root().join("logs");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }

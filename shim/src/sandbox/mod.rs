@@ -368,11 +368,6 @@ impl Sandbox {
         tail(&self.dir.file("console.log"), TAIL_LINES)
     }
 
-    /// Whether the VM is still running.
-    pub fn vm_running(&mut self) -> bool {
-        self.vmm.try_exit().is_none()
-    }
-
     /// If the VM has stopped: how, in bulkhead-vmm's words (its exit status and
     /// the last lines of its log, e.g. "vCPU 0 triple-faulted" or a kernel panic).
     /// Lets errors name the real cause instead of a closed connection.
