@@ -29,6 +29,9 @@ fn main() {
         eprintln!("bulkhead-agent: must run as the guest's PID 1 (/init)");
         std::process::exit(2);
     }
+    if !Path::new(rootfs::MARKER).exists() {
+        eprintln!("bulkhead-agent: started at {}", since_boot());
+    }
     match rootfs::leave_initramfs(&args) {
         Ok(()) => {}
         Err(err) => eprintln!("bulkhead-agent: staying on the initramfs root: {err}"),
@@ -40,7 +43,11 @@ fn main() {
         fatal(&format!("early setup: {err}"));
     }
     match init::enable_cgroup_controllers(Path::new("/sys/fs/cgroup")) {
-        Ok(enabled) => eprintln!("bulkhead-agent: cgroup controllers: {}", enabled.join(" ")),
+        Ok(enabled) => eprintln!(
+            "bulkhead-agent: cgroup controllers: {} at {}",
+            enabled.join(" "),
+            since_boot()
+        ),
         Err(err) => fatal(&format!("cgroup controllers: {err}")),
     }
     // Without the share no container can be made, but Check and Shutdown still
@@ -110,10 +117,19 @@ async fn serve() -> Result<(), String> {
     let _hello = ready::announce(HOST_READY_PORT)
         .await
         .map_err(|e| format!("dialing the host's ready port {HOST_READY_PORT}: {e}"))?;
-    eprintln!("bulkhead-agent: ready");
+    eprintln!("bulkhead-agent: ready at {}", since_boot());
     // The hello connection stays open for the agent's whole life.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// The guest's time since boot, for the console lines that let a slow boot be
+/// read off the console log (kernel, then each agent step).
+fn since_boot() -> String {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(t) => format!("{}.{:03} s", t.tv_sec(), t.tv_nsec() / 1_000_000),
+        Err(_) => "an unknown time".to_owned(),
+    }
 }
 
 /// PID 1 must not exit (the kernel would panic without saying why): report on the

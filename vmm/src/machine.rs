@@ -172,6 +172,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     vm.map_memory(&ram.mem)?;
     step("VM created");
+    let images = load_images(config, &ram)?;
+    step("guest loaded");
 
     let os = |what| move |source| VmmError::Os { what, source };
     let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng)];
@@ -195,8 +197,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
     let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
-    let kernel_entry = load_guest(config, &ram, &cmdline)?;
-    step("guest loaded");
+    let kernel_entry = write_boot_data(config, &ram, images, &cmdline)?;
+    step("devices attached");
 
     let vcpu_count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
@@ -310,19 +312,38 @@ fn attach_virtio_devices(
     Ok((bus, params))
 }
 
-/// Loads the kernel, initrd and `cmdline`, and writes the boot tables.
-/// Returns the kernel's 64-bit entry point.
-fn load_guest(config: &VmConfig, ram: &GuestRam, cmdline: &str) -> Result<u64, VmmError> {
+/// What [`load_images`] put in guest memory.
+struct LoadedImages {
+    kernel: loader::LoadedKernel,
+    /// Guest address and size.
+    initrd: Option<(u64, u32)>,
+}
+
+/// Copies the kernel and the initrd into guest memory: the slow part of
+/// setting up, done before the devices connect to their back ends (virtiofsd
+/// may still be starting).
+fn load_images(config: &VmConfig, ram: &GuestRam) -> Result<LoadedImages, VmmError> {
     let kernel = loader::load_kernel(&ram.mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(loader::load_initrd(&ram.mem, path, &kernel, ram.low_end())?),
         None => None,
     };
+    Ok(LoadedImages { kernel, initrd })
+}
+
+/// Writes `cmdline`, the zero page and the boot tables.
+/// Returns the kernel's 64-bit entry point.
+fn write_boot_data(
+    config: &VmConfig,
+    ram: &GuestRam,
+    images: LoadedImages,
+    cmdline: &str,
+) -> Result<u64, VmmError> {
     let cmdline_len = loader::load_cmdline(&ram.mem, cmdline)?;
     let info = bootparams::BootInfo {
-        setup_header: kernel.setup_header,
+        setup_header: images.kernel.setup_header,
         cmdline_len,
-        initrd,
+        initrd: images.initrd,
     };
     let zero_page = bootparams::build(&info, &ram.ranges);
     ram.mem
@@ -339,7 +360,7 @@ fn load_guest(config: &VmConfig, ram: &GuestRam, cmdline: &str) -> Result<u64, V
     for (addr, bytes) in regs::identity_map_pages() {
         loader::write_guest(&ram.mem, addr, &bytes, "the boot page tables")?;
     }
-    Ok(kernel.entry)
+    Ok(images.kernel.entry)
 }
 
 fn open_console(spec: &ConsoleSpec) -> Result<Option<Box<dyn Write + Send>>, VmmError> {
