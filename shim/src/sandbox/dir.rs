@@ -45,10 +45,35 @@ impl SandboxDir {
             path,
             mounts: Vec::new(),
         };
+        let mut dir = dir;
+        let shared = dir.shared();
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(dir.shared())
-            .map_err(io("create the share directory", &dir.shared()))?;
+            .create(&shared)
+            .map_err(io("create the share directory", &shared))?;
+        // The share is a mount of its own with shared propagation: virtiofsd's
+        // mount namespace holds a slave copy of it, so what is mounted here
+        // after virtiofsd started (a pod's next container) still reaches it.
+        let mount_err = |errno| SandboxError::Mount {
+            source_path: shared.clone(),
+            target: shared.clone(),
+            errno,
+        };
+        mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(mount_err)?;
+        dir.mounts.push(shared.clone());
+        // Private first: a bind of a shared mount joins its peer group, and
+        // then everything mounted in the share would also be propagated to
+        // the host's /run peers. A peer group of its own is what we want.
+        for flag in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+            mount(None::<&str>, &shared, None::<&str>, flag, None::<&str>).map_err(mount_err)?;
+        }
         Ok(dir)
     }
 
@@ -67,10 +92,19 @@ impl SandboxDir {
         self.path.join(name)
     }
 
-    /// Bind-mounts `source` at `shared/<name>` (read-write), remembered for cleanup.
+    /// Bind-mounts `source` (a directory or a file) at `shared/<name>`
+    /// (read-write), remembered for cleanup.
     pub fn bind_into_share(&mut self, source: &Path, name: &str) -> Result<PathBuf, SandboxError> {
         let target = self.shared().join(name);
-        std::fs::create_dir_all(&target).map_err(|source| SandboxError::Io {
+        let made = if source.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::File::create(&target).map(drop))
+        };
+        made.map_err(|source| SandboxError::Io {
             what: "create a mount point",
             path: target.clone(),
             source,
@@ -89,6 +123,47 @@ impl SandboxDir {
         })?;
         self.mounts.push(target.clone());
         Ok(target)
+    }
+
+    /// Mounts a file system at `shared/<name>` with `mount` (given the target,
+    /// which exists as a directory), remembered for cleanup.
+    pub fn mount_into_share(
+        &mut self,
+        name: &str,
+        mount: impl FnOnce(&Path) -> Result<(), SandboxError>,
+    ) -> Result<PathBuf, SandboxError> {
+        let target = self.shared().join(name);
+        std::fs::create_dir_all(&target).map_err(|source| SandboxError::Io {
+            what: "create a mount point",
+            path: target.clone(),
+            source,
+        })?;
+        mount(&target)?;
+        self.mounts.push(target.clone());
+        Ok(target)
+    }
+
+    /// Unmounts everything at or under `shared/<name>` and removes it.
+    pub fn remove_from_share(&mut self, name: &str) -> Result<(), SandboxError> {
+        let top = self.shared().join(name);
+        for target in mounts_under(&top) {
+            if let Err(e) = umount2(&target, MntFlags::MNT_DETACH) {
+                tracing::warn!("cannot unmount {}: {e}", target.display());
+            }
+        }
+        self.mounts.retain(|m| !m.starts_with(&top));
+        if let Some(busy) = first_mount_under(&top) {
+            return Err(SandboxError::StillMounted(busy));
+        }
+        match std::fs::remove_dir_all(&top) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Io {
+                what: "remove",
+                path: top,
+                source,
+            }),
+        }
     }
 
     /// Unmounts everything mounted here and removes the directory. Lazy unmounts
@@ -130,9 +205,65 @@ impl Drop for SandboxDir {
 
 /// The first mount point at or under `dir`, from /proc/self/mountinfo.
 pub fn first_mount_under(dir: &Path) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
+    mounts_under(dir).into_iter().next()
+}
+
+/// Every mount point at or under `dir`, deepest (most recent) first, so they
+/// can be unmounted in this order.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .find(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.reverse();
+    found
+}
+
+/// Removes the sandbox directory `<root>/<id>` left by a process that died
+/// without cleaning up (a SIGKILLed shim or CLI): stops the bulkhead-vmm and
+/// virtiofsd it recorded (only if they still run from that directory, so a
+/// reused pid is never hit), unmounts everything under it and deletes it.
+/// Does nothing if the directory does not exist.
+pub fn force_remove(root: &Path, id: &str) -> Result<(), SandboxError> {
+    let path = root.join(id);
+    if !path.exists() {
+        return Ok(());
+    }
+    for name in ["vmm.pid", "virtiofsd.pid"] {
+        let Ok(text) = std::fs::read_to_string(path.join(name)) else {
+            continue;
+        };
+        let Ok(pid) = text.trim().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*path.to_string_lossy());
+        if ours {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // Not our child: wait for it to vanish rather than reap it.
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+    for target in mounts_under(&path) {
+        if let Err(e) = umount2(&target, MntFlags::MNT_DETACH) {
+            tracing::warn!("cannot unmount {}: {e}", target.display());
+        }
+    }
+    if let Some(busy) = first_mount_under(&path) {
+        return Err(SandboxError::StillMounted(busy));
+    }
+    std::fs::remove_dir_all(&path).map_err(|source| SandboxError::Io {
+        what: "remove",
+        path,
+        source,
+    })
 }

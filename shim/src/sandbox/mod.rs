@@ -24,11 +24,18 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
-pub use dir::{first_mount_under, SandboxDir};
+pub use dir::{first_mount_under, force_remove, SandboxDir};
 use processes::{start_virtiofsd, tail, HostProcess};
 
 /// The virtio-fs tag of the sandbox share; the agent mounts it.
 pub const SHARE_TAG: &str = "bulkhead";
+/// Where the guest mounts the share (the agent's `SHARE_DIR`).
+pub const GUEST_SHARE_DIR: &str = "/run/bulkhead/share";
+
+/// The guest path of `shared/<name>`.
+pub fn guest_share_path(name: &str) -> PathBuf {
+    Path::new(GUEST_SHARE_DIR).join(name)
+}
 /// The guest's vsock CID (any value >= 3 works: each VM has its own vsock device).
 const GUEST_CID: u32 = 3;
 /// Deadline for one RPC that should answer at once.
@@ -87,16 +94,6 @@ pub enum SandboxError {
         name: &'static str,
         /// How.
         status: std::process::ExitStatus,
-        /// Its log's tail.
-        log_tail: String,
-    },
-    /// A host program did not create its socket.
-    #[error("{name} did not create {socket} within 10 s. Its last output:\n{log_tail}")]
-    NoSocket {
-        /// Which.
-        name: &'static str,
-        /// The socket.
-        socket: PathBuf,
         /// Its log's tail.
         log_tail: String,
     },
@@ -175,6 +172,8 @@ pub struct SandboxConfig {
 /// A connection to a sandbox's agent: its RPC client and the hybrid vsock
 /// socket through which stdio streams are opened. The process that started the
 /// sandbox has one inside its [`Sandbox`]; others (`bulkhead exec`) attach.
+/// Clones share the RPC connection.
+#[derive(Clone)]
 pub struct AgentConnection {
     vsock_uds: PathBuf,
     agent: AgentClient,
@@ -284,10 +283,7 @@ impl Sandbox {
             &dir.shared(),
             &virtiofsd_socket,
             &dir.file("virtiofsd.log"),
-        )
-        .await?;
-
-        step("virtiofsd up");
+        )?;
         let vsock_uds = dir.file("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
         let ready_listener =
@@ -317,8 +313,19 @@ impl Sandbox {
         let mut cmd = Command::new(&config.vmm);
         cmd.arg("--config").arg(&vm_config_path);
         let mut vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
+        // For `force_remove` after a crash of this process.
+        vmm.write_pid_file(&dir.file("vmm.pid"));
+        virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));
 
-        let ready = wait_ready(&ready_listener, &mut vmm, &dir, config.boot_timeout).await;
+        step("virtiofsd and bulkhead-vmm started");
+        let ready = wait_ready(
+            &ready_listener,
+            &mut vmm,
+            &mut virtiofsd,
+            &dir,
+            config.boot_timeout,
+        )
+        .await;
         let ready = match ready {
             Ok(r) => r,
             Err(e) => {
@@ -363,6 +370,28 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Bind-mounts `source` (a directory or a file) at `shared/<name>` while
+    /// the sandbox runs; the guest sees it at [`guest_share_path`]`(name)`.
+    pub fn bind_into_share(&mut self, source: &Path, name: &str) -> Result<PathBuf, SandboxError> {
+        self.dir.bind_into_share(source, name)
+    }
+
+    /// Mounts a file system (e.g. containerd's overlay rootfs) at
+    /// `shared/<name>` while the sandbox runs.
+    pub fn mount_into_share(
+        &mut self,
+        name: &str,
+        mount: impl FnOnce(&Path) -> Result<(), SandboxError>,
+    ) -> Result<PathBuf, SandboxError> {
+        self.dir.mount_into_share(name, mount)
+    }
+
+    /// Unmounts everything at or under `shared/<name>` and removes what is left
+    /// of it (a container's rootfs and volumes when it is deleted).
+    pub fn remove_from_share(&mut self, name: &str) -> Result<(), SandboxError> {
+        self.dir.remove_from_share(name)
+    }
+
     /// The last lines of the guest console, for error reports.
     pub fn console_tail(&self) -> String {
         tail(&self.dir.file("console.log"), TAIL_LINES)
@@ -404,6 +433,7 @@ impl Sandbox {
 async fn wait_ready(
     listener: &UnixListener,
     vmm: &mut HostProcess,
+    virtiofsd: &mut HostProcess,
     dir: &SandboxDir,
     timeout: Duration,
 ) -> Result<(UnixStream, String), SandboxError> {
@@ -424,6 +454,11 @@ async fn wait_ready(
                 return Ok((reader.into_inner(), version));
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                // virtiofsd first: when it fails the VMM follows, and its own
+                // log says why. (It exits with success when the VMM hangs up.)
+                if let Some(status) = virtiofsd.try_exit().filter(|s| !s.success()) {
+                    return Err(SandboxError::Exited { name: "virtiofsd", status, log_tail: virtiofsd.log_tail(TAIL_LINES) });
+                }
                 if let Some(status) = vmm.try_exit() {
                     return Err(SandboxError::VmGone { status, vmm_tail: vmm.log_tail(TAIL_LINES), console_tail: console_tail() });
                 }

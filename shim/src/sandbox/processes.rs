@@ -1,13 +1,17 @@
 //! The sandbox's host processes: virtiofsd and bulkhead-vmm, each started with
 //! its output in the sandbox directory, killed and reaped when dropped.
 
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use super::SandboxError;
+
+/// The descriptor number virtiofsd finds its listening socket at.
+const VIRTIOFSD_LISTENER_FD: i32 = 3;
 
 /// A host process owned by the sandbox.
 #[derive(Debug)]
@@ -51,6 +55,17 @@ impl HostProcess {
         })
     }
 
+    /// Records its pid in `path`, so that a later process can stop it after we
+    /// crashed ([`super::force_remove`]). Best effort: a missing pid file only
+    /// weakens that cleanup.
+    pub fn write_pid_file(&self, path: &Path) {
+        if let Some(pid) = self.child.id() {
+            if let Err(e) = std::fs::write(path, pid.to_string()) {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -80,18 +95,30 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Starts virtiofsd sharing `shared` on `socket` and waits for the socket.
-pub async fn start_virtiofsd(
+/// Starts virtiofsd serving `shared` on the vhost-user socket `socket`.
+///
+/// The socket is bound and listening before virtiofsd runs (it gets the
+/// listener as fd 3 through `--fd`), so bulkhead-vmm can be started at once
+/// and connect while virtiofsd is still coming up: the two start in parallel
+/// instead of one after the other.
+pub fn start_virtiofsd(
     binary: &Path,
     shared: &Path,
     socket: &Path,
     log: &Path,
 ) -> Result<HostProcess, SandboxError> {
+    let listener =
+        std::os::unix::net::UnixListener::bind(socket).map_err(|source| SandboxError::Io {
+            what: "listen on",
+            path: socket.to_owned(),
+            source,
+        })?;
+    let listener_fd = listener.as_raw_fd();
     let mut cmd = Command::new(binary);
     cmd.arg("--shared-dir")
         .arg(shared)
-        .arg("--socket-path")
-        .arg(socket);
+        .arg("--fd")
+        .arg(VIRTIOFSD_LISTENER_FD.to_string());
     // virtiofsd's default sandbox (its own mount namespace, pivoted into the
     // share) confines it to the share; the bind mounts are made before it starts
     // so they are in its namespace. "auto" caching keeps host-side changes
@@ -104,24 +131,18 @@ pub async fn start_virtiofsd(
         "auto",
         "--announce-submounts",
     ]);
-    let mut process = HostProcess::spawn("virtiofsd", cmd, log)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = process.try_exit() {
-            return Err(SandboxError::Exited {
-                name: "virtiofsd",
-                status,
-                log_tail: process.log_tail(20),
-            });
-        }
-        if Instant::now() > deadline {
-            return Err(SandboxError::NoSocket {
-                name: "virtiofsd",
-                socket: socket.to_owned(),
-                log_tail: process.log_tail(20),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // dup2, which is async-signal-safe; dup2 clears close-on-exec on the copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(listener_fd, VIRTIOFSD_LISTENER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    let process = HostProcess::spawn("virtiofsd", cmd, log)?;
+    // The child has its copy; ours closes here.
+    drop(listener);
     Ok(process)
 }
