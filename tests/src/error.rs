@@ -127,6 +127,61 @@ pub enum Error {
         /// The last console lines.
         console_tail: String,
     },
+    /// An image name given to [`crate::oci_image`] that containerd would refuse.
+    #[error("invalid image name {name:?}: {reason}")]
+    InvalidImageName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A private containerd ([`crate::containerd`]) did not come up.
+    #[error("containerd did not start: {detail}; its log ends with:\n{log_tail}")]
+    ContainerdStart {
+        /// What went wrong (exited, socket never answered, ...).
+        detail: String,
+        /// The last lines of the daemon's log.
+        log_tail: String,
+    },
+
+    /// Stopping a private containerd left something behind or could not undo it.
+    #[error("cleaning up the private containerd in {dir}: {}", problems.join("; "))]
+    ContainerdCleanup {
+        /// The directory the daemon lived in.
+        dir: PathBuf,
+        /// Each thing that could not be cleaned up, with why.
+        problems: Vec<String>,
+    },
+
+    /// Connecting to a CRI socket ([`crate::cri`]) failed.
+    #[error("cannot connect to the CRI service at {socket}: {source}")]
+    CriConnect {
+        /// The unix socket.
+        socket: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+
+    /// A CRI call returned an error status.
+    #[error("CRI {call} failed: {} ({:?})", source.message(), source.code())]
+    Cri {
+        /// The call and its main argument, e.g. `StartContainer(ab12...)`.
+        call: String,
+        /// The gRPC status (boxed: it is large).
+        #[source]
+        source: Box<tonic::Status>,
+    },
+
+    /// A CRI call did not answer within its deadline.
+    #[error("CRI {call} did not answer within {timeout:?}")]
+    CriTimedOut {
+        /// The call and its main argument.
+        call: String,
+        /// The deadline it missed.
+        timeout: Duration,
+    },
 }
 
 /// Shorthand for results of this crate.

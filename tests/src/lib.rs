@@ -5,13 +5,20 @@
 //! ([`testhost`]). The pieces it is made of are useful on their own: KVM detection
 //! ([`kvm`]), an artifact cache ([`cache`]), initramfs building ([`initramfs`]),
 //! shell quoting ([`shell`]) and deadline-bound helper processes ([`process`]).
+//!
+//! For tests through containerd: OCI image archives made from a rootfs directory
+//! ([`oci_image`]), a private containerd daemon owned by the test ([`containerd`])
+//! and a blocking CRI client ([`cri`]).
 
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod containerd;
+pub mod cri;
 pub mod error;
 pub mod initramfs;
 pub mod kvm;
+pub mod oci_image;
 pub mod process;
 pub mod shell;
 pub mod testhost;

@@ -43,6 +43,10 @@ pub const PACKAGES: &[&str] = &[
     "umoci",
     "docker-registry",
     "skopeo",
+    // CNI plugins (/usr/lib/cni) for pods under the tests' private containerd.
+    "containernetworking-plugins",
+    // protoc: the tests' CRI client (crate k8s-cri) generates its code at build time.
+    "protobuf-compiler",
 ];
 
 /// Options of `cargo xtask setup`.
