@@ -197,6 +197,15 @@ impl Container {
                 source,
             }
         };
+        let new_netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+                })
+            });
         fs::create_dir_all(&state_root)
             .map_err(|e| op("creating the state directory")(e.into()))?;
         fs::create_dir_all(&bundle).map_err(|e| op("creating the bundle")(e.into()))?;
@@ -217,6 +226,10 @@ impl Container {
                 .ok_or_else(|| invalid(&id, "libcontainer reported no init pid"))?;
             let init = Process::adopt(Pid::from_raw(pid.as_raw()))
                 .map_err(|e| op("watching the init process")(e.into()))?;
+            if new_netns {
+                crate::netns::loopback_up(pid.as_raw())
+                    .map_err(|e| op("bringing up lo in its network namespace")(e.into()))?;
+            }
             let master = match console {
                 Some(console) => Some(
                     console

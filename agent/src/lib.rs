@@ -18,7 +18,8 @@
 //! - [`mapping`]: pure translations between API messages and the core;
 //! - [`ready`]: the hello on the host's ready port;
 //! - [`init_mode`]: the binary as a container's signal-forwarding init;
-//! - [`rootfs`]: PID 1 leaves the initramfs for a tmpfs root.
+//! - [`rootfs`]: PID 1 leaves the initramfs for a tmpfs root;
+//! - [`netns`]: a new network namespace gets its loopback up.
 
 pub mod cgroup;
 pub mod container;
@@ -26,6 +27,7 @@ pub mod exit;
 pub mod init;
 pub mod init_mode;
 pub mod mapping;
+pub mod netns;
 pub mod oom;
 pub mod pid1;
 pub mod process;

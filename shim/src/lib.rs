@@ -1,7 +1,9 @@
 //! `bulkhead`: the host side of bulkhead's sandboxes.
 //!
 //! [`sandbox`] starts and stops one microVM with its agent and virtiofsd; the
-//! CLI (`bulkhead run`) and, later, the containerd shim are built on it.
+//! CLI (`bulkhead run`) and the containerd shim ([`containerd`]) are built on it.
 
 pub mod cli;
+pub mod config;
+pub mod containerd;
 pub mod sandbox;

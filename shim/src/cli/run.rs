@@ -13,10 +13,10 @@ use bulkhead_protocol::ttrpc;
 use super::artifacts::Artifacts;
 use super::process_io::{self, ProcessRef};
 use super::spec::{self, ProcessOptions};
+use crate::config::{Config, MAX_VCPUS};
 use crate::sandbox::{AgentConnection, Sandbox, SandboxConfig, RPC_TIMEOUT};
 
-/// Memory the guest itself needs besides the container (kernel, agent, page cache).
-pub const GUEST_OVERHEAD_MIB: u32 = 96;
+pub use crate::config::GUEST_OVERHEAD_MIB;
 /// Smallest container memory limit we accept.
 pub const MIN_CONTAINER_MIB: u32 = 8;
 
@@ -29,16 +29,20 @@ pub struct RunOptions {
     pub process: ProcessOptions,
     /// Pass stdin through.
     pub interactive: bool,
-    /// Container memory limit in MiB (the VM gets this plus the guest's overhead).
+    /// Container memory limit in MiB: the VM gets this plus the guest's
+    /// overhead. Without it the container has no limit and the VM gets the
+    /// config's `memory_mib`.
     pub memory_mib: Option<u32>,
-    /// vCPUs.
-    pub cpus: u16,
-    /// Seconds the guest has to come up.
-    pub boot_timeout: Duration,
-    /// Where sandbox directories go.
-    pub run_root: PathBuf,
+    /// vCPUs (`--cpus`); the config's `vcpus` when not given.
+    pub cpus: Option<u16>,
+    /// How long the guest has to come up (`--boot-timeout`); the config's
+    /// `boot_timeout_secs` when not given.
+    pub boot_timeout: Option<Duration>,
     /// The container's name (also its sandbox id); random when not given.
     pub name: Option<String>,
+    /// This host's settings: where the artifacts are, the defaults the flags
+    /// above override, where sandbox directories go.
+    pub config: Config,
 }
 
 /// Runs the container and returns the exit code the CLI should exit with.
@@ -51,8 +55,13 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
             bail!("--memory {m}: a container needs at least {MIN_CONTAINER_MIB} MiB (the VM adds {GUEST_OVERHEAD_MIB} MiB for the guest)");
         }
     }
-    if opts.cpus == 0 {
-        bail!("--cpus must be at least 1");
+    let vcpus = opts.cpus.unwrap_or(opts.config.vcpus);
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        bail!("--cpus {vcpus}: a microVM has 1 to {MAX_VCPUS} vCPUs");
+    }
+    let boot_timeout = opts.boot_timeout.unwrap_or(opts.config.boot_timeout());
+    if boot_timeout.is_zero() {
+        bail!("--boot-timeout 0: the microVM needs at least 1 s to come up");
     }
     let id = opts
         .name
@@ -61,17 +70,19 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
     let mut process = opts.process.clone();
     process.memory_limit = opts.memory_mib.map(|m| i64::from(m) << 20);
     let spec = spec::build(&process, &id, &id)?;
-    let artifacts = Artifacts::discover()?;
+    let artifacts = Artifacts::resolve(&opts.config)?;
     let config = SandboxConfig {
         id: id.clone(),
-        run_root: opts.run_root.clone(),
+        run_root: opts.config.run_root.clone(),
         kernel: artifacts.kernel,
         initrd: artifacts.initrd,
         vmm: artifacts.vmm,
         virtiofsd: artifacts.virtiofsd,
-        memory_mib: opts.memory_mib.unwrap_or(128) + GUEST_OVERHEAD_MIB,
-        vcpus: opts.cpus,
-        boot_timeout: opts.boot_timeout,
+        memory_mib: opts.memory_mib.map_or(opts.config.memory_mib, |m| {
+            m.saturating_add(GUEST_OVERHEAD_MIB)
+        }),
+        vcpus,
+        boot_timeout,
     };
     let rootfs = opts
         .rootfs
@@ -173,21 +184,25 @@ async fn report_oom(conn: &AgentConnection, id: &str, limit_mib: Option<u32>) {
     }
 }
 
-/// The first of SIGINT, SIGTERM or SIGHUP (registering them also stops them from
-/// killing the CLI outright, which would leave the VM behind).
-async fn first_signal() -> i32 {
+/// The first of SIGINT, SIGTERM or SIGHUP. The handlers are installed here,
+/// before the returned future is first polled (registering them also stops
+/// them from killing the CLI outright, which would leave the VM behind).
+fn first_signal() -> impl std::future::Future<Output = i32> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => libc::SIGINT,
-        _ = term.recv() => libc::SIGTERM,
-        _ = hup.recv() => libc::SIGHUP,
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
+        }
     }
 }
 
