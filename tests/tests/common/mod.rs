@@ -195,7 +195,14 @@ pub fn processes_named(name: &str) -> Vec<u32> {
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name)
+            // comm is cut at 15 bytes ("containerd-shim"); the executable's
+            // name is not.
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            match exe.as_deref().and_then(Path::file_name) {
+                Some(file) => file.to_string_lossy().trim_end_matches(" (deleted)") == name,
+                None => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim_end() == name),
+            }
         })
         .collect()
 }

@@ -1,0 +1,449 @@
+//! End-to-end: containerd runs containers in bulkhead microVMs through
+//! `containerd-shim-bulkhead-v2`: `ctr run`, exit codes, exec, kill, a tty,
+//! stdin, metrics, a CRI pod of two containers, and the faults (a killed VMM,
+//! a killed shim). Each test starts its own containerd (root, state, sockets
+//! and config of its own) and checks that nothing is left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_tests::containerd::{ContainerdOptions, PrivateContainerd, Runtime, CRI_NAMESPACE};
+use bulkhead_tests::cri::{ContainerSpec, PodSpec};
+use bulkhead_tests::oci_image::{write_image_archive, ImageConfig, LayerCompression};
+use bulkhead_tests::process;
+use common::{listing, processes_named};
+use libtest_mimic::{Failed, Trial};
+
+const IMAGE: &str = "docker.io/library/bulkhead-busybox:test";
+const PAUSE: &str = "registry.k8s.io/pause:bulkhead-test";
+const RUNTIME: &str = "io.containerd.bulkhead.v2";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn main() -> ExitCode {
+    common::main("containerd", || {
+        vec![
+            Trial::test("ctr_run_prints_and_exits_like_the_command", ctr_run),
+            Trial::test("stdin_is_piped_through", stdin_is_piped),
+            Trial::test("exec_kill_and_metrics_of_a_running_task", exec_kill_metrics),
+            Trial::test("sigkill_reports_137", sigkill_reports_137),
+            Trial::test("tty_gives_a_terminal", tty_gives_a_terminal),
+            Trial::test("cri_pod_of_two_containers", cri_pod),
+            Trial::test("killed_vmm_ends_the_task_and_delete_cleans_up", killed_vmm),
+            Trial::test("killed_shim_is_cleaned_up_by_delete", killed_shim),
+        ]
+    })
+}
+
+/// A private containerd with the bulkhead runtime, the images imported.
+struct Setup {
+    daemon: Option<PrivateContainerd>,
+    _work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Result<Setup, Failed> {
+        let work = tempfile::tempdir()?;
+        let (image, pause) = images(work.path())?;
+        let mut opts = ContainerdOptions::new(PAUSE)
+            .runtime(Runtime::bulkhead())
+            .shim_dir(shim_dir())
+            .env("BULKHEAD_LOG", "debug");
+        // The snapshotter's overlay mounts need an upper directory that is not
+        // itself on overlayfs (the emulated host's /tmp is): /run is a tmpfs.
+        opts.temp_parent = Some(PathBuf::from("/run"));
+        let daemon = PrivateContainerd::start(opts)?;
+        daemon.import_image("default", &image)?;
+        daemon.import_image(CRI_NAMESPACE, &image)?;
+        daemon.import_image(CRI_NAMESPACE, &pause)?;
+        Ok(Setup {
+            daemon: Some(daemon),
+            _work: work,
+        })
+    }
+
+    fn daemon(&self) -> &PrivateContainerd {
+        self.daemon.as_ref().expect("running")
+    }
+
+    fn ctr<const N: usize>(&self, args: [&str; N]) -> Command {
+        self.daemon().ctr(args)
+    }
+
+    /// `ctr run --rm --runtime bulkhead IMAGE id ARGS...`.
+    fn run(&self, id: &str, args: &[&str]) -> Command {
+        let mut c = self.ctr(["run", "--rm", "--runtime", RUNTIME]);
+        c.args([IMAGE, id]).args(args);
+        c
+    }
+
+    /// Stops containerd and checks that no shim, VMM, virtiofsd, mount or
+    /// sandbox directory is left.
+    fn finish(mut self) -> Result<(), Failed> {
+        let daemon = self.daemon.take().expect("running");
+        let log = daemon.log_tail();
+        daemon
+            .stop()
+            .map_err(|e| format!("stopping containerd: {e}\n{log}"))?;
+        nothing_left()
+    }
+}
+
+fn shim_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// A busybox image, and a "pause" image made of it for CRI pods.
+fn images(dir: &Path) -> Result<(PathBuf, PathBuf), Failed> {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+    let applets = process::run(
+        Command::new("/bin/busybox").arg("--list"),
+        Duration::from_secs(10),
+    )?;
+    for applet in applets
+        .stdout
+        .lines()
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    let (image, pause) = (dir.join("busybox.tar"), dir.join("pause.tar"));
+    write_image_archive(
+        &rootfs,
+        IMAGE,
+        &ImageConfig::default(),
+        LayerCompression::Gzip,
+        &image,
+    )?;
+    let config = ImageConfig {
+        entrypoint: vec!["/bin/sleep".into(), "2147483647".into()],
+        cmd: Vec::new(),
+        ..ImageConfig::default()
+    };
+    write_image_archive(&rootfs, PAUSE, &config, LayerCompression::None, &pause)?;
+    Ok((image, pause))
+}
+
+fn nothing_left() -> Result<(), Failed> {
+    for name in ["bulkhead-vmm", "virtiofsd", "containerd-shim-bulkhead-v2"] {
+        let left = processes_named(name);
+        if !left.is_empty() {
+            return Err(format!("{name} processes left: {left:?}").into());
+        }
+    }
+    let run_dir = listing(Path::new("/run/bulkhead"));
+    if !run_dir.is_empty() {
+        return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
+    }
+    if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
+        return Err(format!("mount left: {}", mount.display()).into());
+    }
+    Ok(())
+}
+
+struct Outcome {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<Outcome, Failed> {
+    let (status, out) = process::run_status(cmd, DEADLINE)?;
+    Ok(Outcome {
+        code: status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
+fn expect(o: &Outcome, code: i32, what: &str, log: &str) -> Result<(), Failed> {
+    if o.code != code {
+        return Err(format!(
+            "{what}: expected exit {code}, got {}\nstdout: {}\nstderr: {}\ncontainerd log:\n{log}",
+            o.code, o.stdout, o.stderr
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Polls `ctr task ls` until task `id` is RUNNING.
+fn wait_running(s: &Setup, id: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = run_cmd(&mut s.ctr(["task", "ls"]))?;
+        if out
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("task {id} never ran:\n{}", out.stdout).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ctr_run() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let o = run_cmd(&mut s.run("t1", &["echo", "hello"]))?;
+    expect(&o, 0, "echo", &s.daemon().log_tail())?;
+    if o.stdout != "hello\n" {
+        return Err(format!("stdout {:?}, stderr {:?}", o.stdout, o.stderr).into());
+    }
+    let o = run_cmd(&mut s.run("t2", &["sh", "-c", "echo out; echo err >&2; exit 7"]))?;
+    expect(&o, 7, "exit 7", &s.daemon().log_tail())?;
+    if o.stdout != "out\n" || !o.stderr.contains("err") {
+        return Err(format!("stdout {:?}, stderr {:?}", o.stdout, o.stderr).into());
+    }
+    s.finish()
+}
+
+fn stdin_is_piped() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let mut c = s.run("t3", &["sh", "-c", "wc -l"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let input: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let status = process::wait_deadline(&mut child, Instant::now() + DEADLINE)
+        .ok_or("ctr run with stdin did not end")?;
+    let _ = writer.join();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("piped"), &mut out)?;
+    if !status.success() || out.trim() != "5000" {
+        return Err(format!("status {status}, counted {out:?}").into());
+    }
+    s.finish()
+}
+
+fn exec_kill_metrics() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let log = || s.daemon().log_tail();
+    let mut c = s.ctr(["run", "-d", "--runtime", RUNTIME]);
+    c.args([IMAGE, "t4", "sleep", "1000"]);
+    expect(&run_cmd(&mut c)?, 0, "ctr run -d", &log())?;
+    wait_running(&s, "t4")?;
+
+    let mut c = s.ctr(["task", "exec", "--exec-id", "e1", "t4"]);
+    c.args(["sh", "-c", "echo inside; exit 3"]);
+    let o = run_cmd(&mut c)?;
+    expect(&o, 3, "ctr task exec", &log())?;
+    if o.stdout != "inside\n" {
+        return Err(format!("exec printed {:?}", o.stdout).into());
+    }
+
+    let o = run_cmd(&mut s.ctr(["task", "metrics", "t4"]))?;
+    expect(&o, 0, "ctr task metrics", &log())?;
+    if !o.stdout.contains("memory") {
+        return Err(format!("metrics without memory: {}", o.stdout).into());
+    }
+    let o = run_cmd(&mut s.ctr(["task", "ps", "t4"]))?;
+    expect(&o, 0, "ctr task ps", &log())?;
+
+    expect(
+        &run_cmd(&mut s.ctr(["task", "kill", "--signal", "SIGTERM", "t4"]))?,
+        0,
+        "ctr task kill",
+        &log(),
+    )?;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let o = run_cmd(&mut s.ctr(["task", "ls"]))?;
+        if o.stdout
+            .lines()
+            .any(|l| l.starts_with("t4") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("t4 did not stop after SIGTERM:\n{}", o.stdout).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = run_cmd(&mut s.ctr(["task", "delete", "t4"]))?;
+    expect(&o, 0, "ctr task delete", &log())?;
+    if !o.stdout.contains("143") && !o.stderr.contains("143") {
+        // `ctr task delete` prints the exit status when it is not zero.
+        return Err(format!("SIGTERM should give 143: {} {}", o.stdout, o.stderr).into());
+    }
+    expect(
+        &run_cmd(&mut s.ctr(["container", "rm", "t4"]))?,
+        0,
+        "ctr container rm",
+        &log(),
+    )?;
+    s.finish()
+}
+
+fn sigkill_reports_137() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let mut c = s.run("t5", &["sleep", "1000"]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    wait_running(&s, "t5")?;
+    let o = run_cmd(&mut s.ctr(["task", "kill", "--signal", "SIGKILL", "t5"]))?;
+    expect(&o, 0, "ctr task kill -s SIGKILL", &s.daemon().log_tail())?;
+    let status = process::wait_deadline(&mut child, Instant::now() + DEADLINE)
+        .ok_or("ctr run did not end after SIGKILL")?;
+    if status.code() != Some(137) {
+        return Err(format!("ctr run ended with {status}, not 137").into());
+    }
+    s.finish()
+}
+
+fn tty_gives_a_terminal() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    // `ctr run -t` wants a terminal of its own: `script` gives it one.
+    let mut inner = vec!["ctr".to_owned(), "--address".to_owned()];
+    inner.push(s.daemon().address().to_string_lossy().into_owned());
+    inner.extend(
+        [
+            "run",
+            "--rm",
+            "-t",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t6",
+            "sh",
+            "-c",
+            "'[ -t 0 ] && [ -t 1 ] && echo is-a-tty'",
+        ]
+        .map(String::from),
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &inner.join(" "), "/dev/null"])
+        .stdin(Stdio::null());
+    let o = run_cmd(&mut c)?;
+    expect(&o, 0, "ctr run -t", &s.daemon().log_tail())?;
+    if !o.stdout.contains("is-a-tty") {
+        return Err(format!("no terminal: {:?}", o.stdout).into());
+    }
+    s.finish()
+}
+
+fn cri_pod() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let cri = s.daemon().cri()?;
+    let pod = PodSpec::new("pod", "default", "uid-1", "bulkhead");
+    let pod_id = cri
+        .run_pod_sandbox(&pod)
+        .map_err(|e| format!("RunPodSandbox: {e}\n{}", s.daemon().log_tail()))?;
+    let web = ContainerSpec::new(
+        "web",
+        IMAGE,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo pod-ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let client = ContainerSpec::new("client", IMAGE, &["sleep", "100000"]);
+    let mut ids = Vec::new();
+    for spec in [&web, &client] {
+        let id = cri
+            .create_container(&pod_id, &pod, spec)
+            .map_err(|e| format!("CreateContainer: {e}\n{}", s.daemon().log_tail()))?;
+        cri.start_container(&id)
+            .map_err(|e| format!("StartContainer: {e}\n{}", s.daemon().log_tail()))?;
+        ids.push(id);
+    }
+    for id in &ids {
+        let out = cri.exec_sync(id, &["echo", "hi"], Duration::from_secs(60))?;
+        if out.exit_code != 0 || out.stdout != "hi\n" {
+            return Err(format!("ExecSync in {id}: {out:?}").into());
+        }
+    }
+    // The two containers share the pod's network namespace in the guest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cri.exec_sync(
+            &ids[1],
+            &["wget", "-qO-", "http://127.0.0.1:8080/index.html"],
+            Duration::from_secs(30),
+        )?;
+        if out.exit_code == 0 && out.stdout == "pod-ok\n" {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("client cannot reach web over localhost: {out:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // One VM for the whole pod.
+    let vms = processes_named("bulkhead-vmm");
+    if vms.len() != 1 {
+        return Err(format!("a pod should have one microVM, found {vms:?}").into());
+    }
+    cri.stop_pod_sandbox(&pod_id)?;
+    cri.remove_pod_sandbox(&pod_id)?;
+    s.finish()
+}
+
+fn killed_vmm() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let mut c = s.run("t7", &["sleep", "1000"]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    wait_running(&s, "t7")?;
+    for pid in processes_named("bulkhead-vmm") {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let status = process::wait_deadline(&mut child, Instant::now() + DEADLINE)
+        .ok_or("ctr run did not end after its VMM was killed")?;
+    if status.success() {
+        return Err("the task of a killed VM exited with success".into());
+    }
+    s.finish()
+}
+
+fn killed_shim() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let mut c = s.ctr(["run", "-d", "--runtime", RUNTIME]);
+    c.args([IMAGE, "t8", "sleep", "1000"]);
+    expect(&run_cmd(&mut c)?, 0, "ctr run -d", &s.daemon().log_tail())?;
+    wait_running(&s, "t8")?;
+    for pid in processes_named("containerd-shim-bulkhead-v2") {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    // containerd notices the shim is gone and runs `shim delete`, which must
+    // stop the VM and remove the sandbox.
+    let deadline = Instant::now() + DEADLINE;
+    while !processes_named("bulkhead-vmm").is_empty()
+        || !listing(Path::new("/run/bulkhead")).is_empty()
+    {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "after the shim was killed: VMMs {:?}, /run/bulkhead {:?}\n{}",
+                processes_named("bulkhead-vmm"),
+                listing(Path::new("/run/bulkhead")),
+                s.daemon().log_tail()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = run_cmd(&mut s.ctr(["task", "delete", "t8"]));
+    let _ = run_cmd(&mut s.ctr(["container", "rm", "t8"]));
+    s.finish()
+}
