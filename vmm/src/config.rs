@@ -92,6 +92,10 @@ pub struct VmConfig {
     /// Where the serial console goes.
     #[serde(default)]
     pub console: ConsoleSpec,
+    /// Let the guest kernel log everything, with timestamps, on the console
+    /// (slower: each console byte is a VM exit). For debugging a sandbox.
+    #[serde(default)]
+    pub debug_console: bool,
     /// Seconds the guest has to print `ready_marker` before it is stopped.
     #[serde(default)]
     pub boot_timeout: Option<u64>,
@@ -210,6 +214,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY_MIB,
             vcpus: u16::from(DEFAULT_VCPUS),
             console: ConsoleSpec::Off,
+            debug_console: false,
             boot_timeout: None,
             ready_marker: None,
             assume_pvm_guest: false,
@@ -273,7 +278,13 @@ impl VmConfig {
 
     /// The command line the guest gets.
     pub fn effective_cmdline(&self) -> String {
-        self.cmdline.clone().unwrap_or_else(default_cmdline)
+        let base = self.cmdline.clone().unwrap_or_else(default_cmdline);
+        if !self.debug_console {
+            return base;
+        }
+        let mut words: Vec<&str> = base.split(' ').filter(|w| *w != "quiet").collect();
+        words.extend(["printk.time=1", "loglevel=7"]);
+        words.join(" ")
     }
 
     /// Guest memory in bytes.
@@ -293,6 +304,16 @@ mod tests {
 
     fn parse(json: &str) -> Result<VmConfig, serde_json::Error> {
         serde_json::from_str(json)
+    }
+
+    #[test]
+    fn debug_console_makes_the_kernel_verbose() {
+        let mut c = parse(r#"{"kernel": "/k", "debug_console": true}"#).unwrap();
+        let line = c.effective_cmdline();
+        assert!(!line.split(' ').any(|w| w == "quiet"), "{line}");
+        assert!(line.contains("printk.time=1") && line.contains("console=ttyS0"));
+        c.debug_console = false;
+        assert!(c.effective_cmdline().split(' ').any(|w| w == "quiet"));
     }
 
     #[test]

@@ -87,6 +87,7 @@ impl Cli {
             memory: self.memory,
             vcpus: self.vcpus,
             console: self.console,
+            debug_console: false,
             boot_timeout: self.boot_timeout,
             ready_marker: self.ready_marker,
             assume_pvm_guest: self.assume_pvm_guest,

@@ -83,6 +83,8 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
         }),
         vcpus,
         boot_timeout,
+        virtiofsd_cache: opts.config.virtiofsd_cache.as_str(),
+        debug_console: opts.config.debug_console,
     };
     let rootfs = opts
         .rootfs

@@ -220,6 +220,8 @@ impl Inner {
             memory_mib,
             vcpus: self.config.vcpus,
             boot_timeout: self.config.boot_timeout(),
+            virtiofsd_cache: self.config.virtiofsd_cache.as_str(),
+            debug_console: self.config.debug_console,
         };
         tracing::info!(sandbox = vm_id, memory_mib, "booting the microVM");
         let sandbox = Sandbox::start(&config, &[])

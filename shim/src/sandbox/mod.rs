@@ -167,6 +167,10 @@ pub struct SandboxConfig {
     pub vcpus: u16,
     /// How long the agent has to report ready.
     pub boot_timeout: Duration,
+    /// virtiofsd's `--cache` mode (`auto`, `always`, `never`, `metadata`).
+    pub virtiofsd_cache: &'static str,
+    /// The guest kernel logs verbosely to the console log.
+    pub debug_console: bool,
 }
 
 /// A connection to a sandbox's agent: its RPC client and the hybrid vsock
@@ -283,6 +287,7 @@ impl Sandbox {
             &dir.shared(),
             &virtiofsd_socket,
             &dir.file("virtiofsd.log"),
+            config.virtiofsd_cache,
         )?;
         let vsock_uds = dir.file("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
@@ -299,6 +304,7 @@ impl Sandbox {
             "memory": config.memory_mib,
             "vcpus": config.vcpus,
             "console": dir.file("console.log"),
+            "debug_console": config.debug_console,
             "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
             "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds},
         });

@@ -106,6 +106,7 @@ pub fn start_virtiofsd(
     shared: &Path,
     socket: &Path,
     log: &Path,
+    cache: &str,
 ) -> Result<HostProcess, SandboxError> {
     let listener =
         std::os::unix::net::UnixListener::bind(socket).map_err(|source| SandboxError::Io {
@@ -120,16 +121,15 @@ pub fn start_virtiofsd(
         .arg("--fd")
         .arg(VIRTIOFSD_LISTENER_FD.to_string());
     // virtiofsd's default sandbox (its own mount namespace, pivoted into the
-    // share) confines it to the share; the bind mounts are made before it starts
-    // so they are in its namespace. "auto" caching keeps host-side changes
-    // visible in the guest; submounts are announced so the guest sees each
-    // bind mount as its own file system.
+    // share) confines it to the share; mounts made in the share later reach it
+    // through the share's shared propagation. Submounts are announced so the
+    // guest sees each bind mount as its own file system.
     cmd.args([
         "--sandbox",
         "namespace",
-        "--cache",
-        "auto",
         "--announce-submounts",
+        "--cache",
+        cache,
     ]);
     // SAFETY: the closure runs in the forked child before exec and only calls
     // dup2, which is async-signal-safe; dup2 clears close-on-exec on the copy.
