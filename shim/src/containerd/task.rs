@@ -38,9 +38,6 @@ use crate::cli::artifacts::Artifacts;
 use crate::config::Config;
 use crate::sandbox::{AgentConnection, Sandbox, SandboxConfig, SandboxError, RPC_TIMEOUT};
 
-/// Memory the guest itself needs besides the containers' own.
-const GUEST_OVERHEAD_MIB: u32 = 96;
-
 /// How a process ended.
 #[derive(Clone, Copy, Debug)]
 struct Exit {
@@ -206,9 +203,13 @@ impl Inner {
             .and_then(|m| m.limit())
             .filter(|l| *l > 0)
             .map(|l| (l >> 20) as u32);
+        // The config's size is the whole VM's; a container limit larger than
+        // what it leaves for containers grows the VM to fit.
         let memory_mib = match limit_mib {
-            Some(l) => l.max(self.config.memory_mib) + GUEST_OVERHEAD_MIB,
-            None => self.config.memory_mib + GUEST_OVERHEAD_MIB,
+            Some(l) => l
+                .saturating_add(crate::config::GUEST_OVERHEAD_MIB)
+                .max(self.config.memory_mib),
+            None => self.config.memory_mib,
         };
         let config = SandboxConfig {
             id: vm_id.to_owned(),
