@@ -2,6 +2,7 @@
 //! same run, reported as ratios (absolute times under emulation mean little).
 
 mod boot;
+mod ctr;
 mod run;
 
 use anyhow::Result;
@@ -13,6 +14,8 @@ pub enum Which {
     Boot,
     /// Containers: `bulkhead run` vs `runc run` (start, stdout throughput, memory).
     Run,
+    /// containerd: `ctr run` with the bulkhead runtime vs runc's, and ten at once.
+    Ctr,
 }
 
 /// Runs benchmark `which` with `runs` samples per side.
@@ -20,6 +23,7 @@ pub fn run(which: Which, runs: usize) -> Result<()> {
     match which {
         Which::Boot => boot::run(runs),
         Which::Run => run::run(runs),
+        Which::Ctr => ctr::run(runs),
     }
 }
 
