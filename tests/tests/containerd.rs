@@ -1,8 +1,10 @@
 //! End-to-end: containerd runs containers in bulkhead microVMs through
 //! `containerd-shim-bulkhead-v2`: `ctr run`, exit codes, exec, kill, a tty,
-//! stdin, metrics, a CRI pod of two containers, and the faults (a killed VMM,
-//! a killed shim). Each test starts its own containerd (root, state, sockets
-//! and config of its own) and checks that nothing is left behind.
+//! stdin, metrics, `binary://` and `file://` log URIs, a CRI pod of two
+//! containers (with a resource update), and the faults (a killed VMM, a killed
+//! shim, a guest kernel panic). Each test starts its own containerd (root,
+//! state, sockets and config of its own) and checks that nothing is left
+//! behind.
 
 mod common;
 
@@ -27,12 +29,17 @@ fn main() -> ExitCode {
         vec![
             Trial::test("ctr_run_prints_and_exits_like_the_command", ctr_run),
             Trial::test("stdin_is_piped_through", stdin_is_piped),
+            Trial::test("log_uris_binary_and_file", log_uris),
             Trial::test("exec_kill_and_metrics_of_a_running_task", exec_kill_metrics),
             Trial::test("sigkill_reports_137", sigkill_reports_137),
             Trial::test("tty_gives_a_terminal", tty_gives_a_terminal),
             Trial::test("cri_pod_of_two_containers", cri_pod),
             Trial::test("killed_vmm_ends_the_task_and_delete_cleans_up", killed_vmm),
             Trial::test("killed_shim_is_cleaned_up_by_delete", killed_shim),
+            Trial::test(
+                "guest_panic_ends_the_task_with_the_console_in_the_log",
+                guest_panic,
+            ),
         ]
     })
 }
@@ -390,6 +397,29 @@ fn cri_pod() -> Result<(), Failed> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // CRI's UpdateContainerResources reaches the container's cgroup in the
+    // guest (ctr 1.6 has no `task update`): the new limit shows in its metrics.
+    let mut runtime = cri.runtime_service();
+    let update = bulkhead_tests::cri::v1::UpdateContainerResourcesRequest {
+        container_id: ids[1].clone(),
+        linux: Some(bulkhead_tests::cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 209_715_200,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    cri.block_on(runtime.update_container_resources(update))
+        .map_err(|e| format!("UpdateContainerResources: {e}"))?;
+    let mut c = s.ctr(["--namespace", CRI_NAMESPACE, "task", "metrics"]);
+    c.arg(&ids[1]);
+    let o = run_cmd(&mut c)?;
+    if !o.stdout.contains("209715200") {
+        return Err(format!(
+            "the new limit is not in the metrics: {} {}",
+            o.stdout, o.stderr
+        )
+        .into());
+    }
     // One VM for the whole pod.
     let vms = processes_named("bulkhead-vmm");
     if vms.len() != 1 {
@@ -445,5 +475,74 @@ fn killed_shim() -> Result<(), Failed> {
     }
     let _ = run_cmd(&mut s.ctr(["task", "delete", "t8"]));
     let _ = run_cmd(&mut s.ctr(["container", "rm", "t8"]));
+    s.finish()
+}
+
+fn guest_panic() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let mut c = s.ctr(["run", "--rm", "--privileged", "--runtime", RUNTIME]);
+    c.args([
+        IMAGE,
+        "t9",
+        "sh",
+        "-c",
+        "sleep 1; echo c > /proc/sysrq-trigger; sleep 100",
+    ]);
+    let o = run_cmd(&mut c)?;
+    if o.code == 0 {
+        return Err(format!("a task whose guest panicked exited 0: {}", o.stderr).into());
+    }
+    // The shim logs the VMM's report with the guest console's last lines.
+    let log = s.daemon().log();
+    if !log.contains("Kernel panic") && !log.contains("sysrq") {
+        return Err(format!(
+            "no guest console in the shim's log:\n{}",
+            s.daemon().log_tail()
+        )
+        .into());
+    }
+    s.finish()
+}
+
+fn log_uris() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let dir = tempfile::tempdir()?;
+    // containerd's logging-binary protocol: stdout on fd 3, stderr on fd 4,
+    // fd 5 closed once ready; query pairs become arguments.
+    let logger = dir.path().join("logger");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\ncat <&3 > \"$2.out\" &\ncat <&4 > \"$2.err\"\nwait\n",
+    )?;
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let base = dir.path().join("t10");
+    let uri = format!("binary://{}?path={}", logger.display(), base.display());
+    let mut c = s.ctr(["run", "--rm", "--log-uri", &uri, "--runtime", RUNTIME]);
+    c.args([IMAGE, "t10", "sh", "-c", "echo to-log; echo to-err >&2"]);
+    expect(
+        &run_cmd(&mut c)?,
+        0,
+        "ctr run --log-uri binary://",
+        &s.daemon().log_tail(),
+    )?;
+    let out = std::fs::read_to_string(base.with_extension("out")).unwrap_or_default();
+    let err = std::fs::read_to_string(base.with_extension("err")).unwrap_or_default();
+    if out != "to-log\n" || err != "to-err\n" {
+        return Err(format!("the logger got stdout {out:?} and stderr {err:?}").into());
+    }
+    let file = dir.path().join("t11.log");
+    let uri = format!("file://{}", file.display());
+    let mut c = s.ctr(["run", "--rm", "--log-uri", &uri, "--runtime", RUNTIME]);
+    c.args([IMAGE, "t11", "echo", "to-file"]);
+    expect(
+        &run_cmd(&mut c)?,
+        0,
+        "ctr run --log-uri file://",
+        &s.daemon().log_tail(),
+    )?;
+    let logged = std::fs::read_to_string(&file).unwrap_or_default();
+    if !logged.contains("to-file") {
+        return Err(format!("the log file has {logged:?}").into());
+    }
     s.finish()
 }
