@@ -143,20 +143,7 @@ fn images(dir: &Path) -> Result<(PathBuf, PathBuf), Failed> {
 }
 
 fn nothing_left() -> Result<(), Failed> {
-    for name in ["bulkhead-vmm", "virtiofsd", "containerd-shim-bulkhead-v2"] {
-        let left = processes_named(name);
-        if !left.is_empty() {
-            return Err(format!("{name} processes left: {left:?}").into());
-        }
-    }
-    let run_dir = listing(Path::new("/run/bulkhead"));
-    if !run_dir.is_empty() {
-        return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
-    }
-    if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
-        return Err(format!("mount left: {}", mount.display()).into());
-    }
-    Ok(())
+    common::nothing_left(&["bulkhead-vmm", "virtiofsd", "containerd-shim-bulkhead-v2"])
 }
 
 struct Outcome {

@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::process;
-use common::{listing, processes_named};
+use common::processes_named;
 use libtest_mimic::{Failed, Trial};
 
 /// Generous: a sandbox boots in seconds under emulation.
@@ -202,20 +202,7 @@ fn spawn_until_first_line(
 
 /// After every test: no VMM, virtiofsd or CLI left, nothing under /run/bulkhead.
 fn nothing_left() -> Result<(), Failed> {
-    for name in ["bulkhead-vmm", "virtiofsd", "bulkhead"] {
-        let left = processes_named(name);
-        if !left.is_empty() {
-            return Err(format!("{name} processes left: {left:?}").into());
-        }
-    }
-    let run_dir = listing(Path::new("/run/bulkhead"));
-    if !run_dir.is_empty() {
-        return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
-    }
-    if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
-        return Err(format!("mount left: {}", mount.display()).into());
-    }
-    Ok(())
+    common::nothing_left(&["bulkhead-vmm", "virtiofsd", "bulkhead"])
 }
 
 fn expect(r: &RunResult, code: i32, what: &str) -> Result<(), Failed> {

@@ -116,6 +116,28 @@ struct State {
     containers: HashMap<String, Container>,
 }
 
+impl State {
+    fn container(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(format!("container {id} not found")))
+    }
+
+    fn container_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(format!("container {id} not found")))
+    }
+
+    /// The agent connection of the VM.
+    fn conn(&self) -> TtrpcResult<AgentConnection> {
+        self.vm
+            .as_ref()
+            .map(|v| v.conn.clone())
+            .ok_or_else(|| failed("no microVM"))
+    }
+}
+
 struct Inner {
     namespace: String,
     publisher: RemotePublisher,
@@ -550,15 +572,8 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StartResponse> {
         let inner = &self.inner;
         let mut state = inner.state.lock().await;
-        let conn = state
-            .vm
-            .as_ref()
-            .map(|v| v.conn.clone())
-            .ok_or_else(|| failed("no microVM"))?;
-        let container = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let conn = state.conn()?;
+        let container = state.container_mut(&req.id)?;
         let process = container.process_mut(&req.exec_id)?;
         if process.status != api::Status::CREATED {
             return Err(failed(format!(
@@ -626,10 +641,7 @@ impl Task for TaskService {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let state = self.inner.state.lock().await;
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let container = state.container(&req.id)?;
         let p = container.process(&req.exec_id)?;
         let mut resp = api::StateResponse::new();
         resp.id = req.id.clone();
@@ -654,19 +666,12 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let state = self.inner.state.lock().await;
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let container = state.container(&req.id)?;
         let p = container.process(&req.exec_id)?;
         if p.exited().is_some() && !req.all {
             return Err(not_found("process already finished"));
         }
-        let conn = state
-            .vm
-            .as_ref()
-            .map(|v| v.conn.clone())
-            .ok_or_else(|| failed("no microVM"))?;
+        let conn = state.conn()?;
         drop(state);
         let mut sig = SignalProcessRequest::new();
         sig.container_id = req.id.clone();
@@ -687,10 +692,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::DeleteResponse> {
         let inner = &self.inner;
         let mut state = inner.state.lock().await;
-        let container = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let container = state.container_mut(&req.id)?;
         let p = container.process(&req.exec_id)?;
         let exit = match p.exited() {
             Some(exit) => exit,
@@ -735,10 +737,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut rx = {
             let state = self.inner.state.lock().await;
-            let container = state
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+            let container = state.container(&req.id)?;
             container.process(&req.exec_id)?.exit.clone()
         };
         let exit = loop {
@@ -767,10 +766,7 @@ impl Task for TaskService {
         bulkhead_protocol::validate_exec_id(&req.exec_id)
             .map_err(|e| status(shim_ttrpc::Code::INVALID_ARGUMENT, format!("exec id: {e}")))?;
         let mut state = self.inner.state.lock().await;
-        let container = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let container = state.container_mut(&req.id)?;
         if container.execs.contains_key(&req.exec_id) {
             return Err(status(
                 shim_ttrpc::Code::ALREADY_EXISTS,
@@ -821,10 +817,7 @@ impl Task for TaskService {
         }
         let (io, conn) = {
             let state = self.inner.state.lock().await;
-            let container = state
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+            let container = state.container(&req.id)?;
             let io = container.process(&req.exec_id)?.io.clone();
             (io, state.vm.as_ref().map(|v| v.conn.clone()))
         };
@@ -936,13 +929,7 @@ impl Task for TaskService {
 impl TaskService {
     async fn conn_for(&self, id: &str) -> TtrpcResult<AgentConnection> {
         let state = self.inner.state.lock().await;
-        if !state.containers.contains_key(id) {
-            return Err(not_found(format!("container {id} not found")));
-        }
-        state
-            .vm
-            .as_ref()
-            .map(|v| v.conn.clone())
-            .ok_or_else(|| failed("no microVM"))
+        state.container(id)?;
+        state.conn()
     }
 }

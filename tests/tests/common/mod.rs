@@ -219,3 +219,23 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Fails unless no process named in `processes` runs, nothing is left under
+/// /run/bulkhead and nothing is mounted there: what every sandbox test checks
+/// after itself.
+pub fn nothing_left(processes: &[&str]) -> Result<(), libtest_mimic::Failed> {
+    for name in processes {
+        let left = processes_named(name);
+        if !left.is_empty() {
+            return Err(format!("{name} processes left: {left:?}").into());
+        }
+    }
+    let run_dir = listing(Path::new("/run/bulkhead"));
+    if !run_dir.is_empty() {
+        return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
+    }
+    if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
+        return Err(format!("mount left: {}", mount.display()).into());
+    }
+    Ok(())
+}
