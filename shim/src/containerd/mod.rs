@@ -8,6 +8,7 @@
 //! - [`io`]: containerd's FIFOs and log URIs joined to the guest's streams;
 //! - [`metrics`]: the agent's cgroup statistics in containerd's types;
 //! - [`record`]: what `delete` needs after a shim crash;
+//! - [`sizing`]: the VM's vCPUs and memory from the pod's requests;
 //! - [`logging`]: the shim's log to containerd.
 
 pub mod guest_spec;
@@ -16,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod record;
 pub mod service;
+pub mod sizing;
 pub mod task;
 
 /// The runtime name containerd knows us by.

@@ -217,22 +217,8 @@ impl Inner {
     /// Boots the VM `vm_id` sized from `spec`.
     async fn boot(&self, vm_id: &str, spec: &Spec) -> TtrpcResult<Vm> {
         let artifacts = Artifacts::resolve(&self.config).map_err(|e| failed(e.to_string()))?;
-        let limit_mib = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref())
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-            .filter(|l| *l > 0)
-            .map(|l| (l >> 20) as u32);
-        // The config's size is the whole VM's; a container limit larger than
-        // what it leaves for containers grows the VM to fit.
-        let memory_mib = match limit_mib {
-            Some(l) => l
-                .saturating_add(crate::config::GUEST_OVERHEAD_MIB)
-                .max(self.config.memory_mib),
-            None => self.config.memory_mib,
-        };
+        let (vcpus, memory_mib) =
+            super::sizing::vm_size(spec, self.config.vcpus, self.config.memory_mib);
         let config = SandboxConfig {
             id: vm_id.to_owned(),
             run_root: self.config.run_root.clone(),
@@ -241,12 +227,12 @@ impl Inner {
             vmm: artifacts.vmm,
             virtiofsd: artifacts.virtiofsd,
             memory_mib,
-            vcpus: self.config.vcpus,
+            vcpus,
             boot_timeout: self.config.boot_timeout(),
             virtiofsd_cache: self.config.virtiofsd_cache.as_str(),
             debug_console: self.config.debug_console,
         };
-        tracing::info!(sandbox = vm_id, memory_mib, "booting the microVM");
+        tracing::info!(sandbox = vm_id, vcpus, memory_mib, "booting the microVM");
         let sandbox = Sandbox::start(&config, &[])
             .await
             .map_err(|e| failed(format!("starting the microVM of {vm_id}: {e}")))?;
