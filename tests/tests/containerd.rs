@@ -109,22 +109,7 @@ fn shim_dir() -> PathBuf {
 /// A busybox image, and a "pause" image made of it for CRI pods.
 fn images(dir: &Path) -> Result<(PathBuf, PathBuf), Failed> {
     let rootfs = dir.join("rootfs");
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-    let applets = process::run(
-        Command::new("/bin/busybox").arg("--list"),
-        Duration::from_secs(10),
-    )?;
-    for applet in applets
-        .stdout
-        .lines()
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
-    }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    common::busybox_rootfs(&rootfs)?;
     let (image, pause) = (dir.join("busybox.tar"), dir.join("pause.tar"));
     write_image_archive(
         &rootfs,

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_tests::process;
 use common::processes_named;
 use libtest_mimic::{Failed, Trial};
 
@@ -68,23 +67,8 @@ struct Rootfs {
 impl Rootfs {
     fn new() -> Result<Rootfs, Failed> {
         let dir = tempfile::tempdir()?;
-        let root = dir.path();
-        for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "work"] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-        let applets = process::run(
-            Command::new("/bin/busybox").arg("--list"),
-            Duration::from_secs(10),
-        )?;
-        for applet in applets
-            .stdout
-            .lines()
-            .filter(|a| !a.is_empty() && *a != "busybox")
-        {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-        }
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+        common::busybox_rootfs(dir.path())?;
+        std::fs::create_dir_all(dir.path().join("work"))?;
         Ok(Rootfs { dir })
     }
 

@@ -239,3 +239,26 @@ pub fn nothing_left(processes: &[&str]) -> Result<(), libtest_mimic::Failed> {
     }
     Ok(())
 }
+
+/// Fills `root` with a busybox root file system: /bin/busybox from the host
+/// (Debian's busybox-static), a symlink per applet, the usual top-level
+/// directories and an /etc/passwd naming root.
+pub fn busybox_rootfs(root: &Path) -> anyhow::Result<()> {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    let applets = process::run(
+        Command::new("/bin/busybox").arg("--list"),
+        Duration::from_secs(10),
+    )?;
+    for applet in applets
+        .stdout
+        .lines()
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    Ok(())
+}
