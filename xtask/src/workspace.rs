@@ -1,9 +1,16 @@
 //! Building the workspace and running its checks, the way CI does.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+
+/// How long the whole `cargo test` run may take. It takes about ten minutes
+/// here; CI allows ninety for everything, and a test that hangs must end as a
+/// failure that names it, not as a CI timeout that shows nothing.
+const TEST_DEADLINE: Duration = Duration::from_secs(50 * 60);
 
 /// The workspace root: xtask lives in `<root>/xtask`.
 pub fn root() -> PathBuf {
@@ -18,16 +25,10 @@ pub fn guest_dir() -> PathBuf {
 
 /// Runs `cargo ARGS` in the workspace, failing if it fails.
 pub fn cargo(args: &[&str]) -> Result<()> {
-    cargo_with_env(args, &[])
-}
-
-/// Runs `cargo ARGS` in the workspace with extra environment variables.
-pub fn cargo_with_env(args: &[&str], envs: &[(&str, &std::path::Path)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
-        .envs(envs.iter().copied())
         .current_dir(root())
         .status()
         .with_context(|| format!("cannot run {cargo}"))?;
@@ -73,13 +74,45 @@ pub fn test() -> Result<()> {
     cargo(&["build", "--quiet", "--package", "bulkhead"])?;
     let cli = root().join("target").join("debug").join("bulkhead");
     // The end-to-end tests boot exactly these.
-    cargo_with_env(
-        &["test", "--workspace", "--no-fail-fast"],
-        &[
-            ("BULKHEAD_KERNEL", &guest.kernel),
-            ("BULKHEAD_INITRD", &guest.initrd),
-            ("BULKHEAD_VMM", &vmm),
-            ("BULKHEAD_CLI", &cli),
-        ],
-    )
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let args = ["test", "--workspace", "--no-fail-fast"];
+    println!(
+        "xtask: cargo {} (deadline {} min)",
+        args.join(" "),
+        TEST_DEADLINE.as_secs() / 60
+    );
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .env("BULKHEAD_KERNEL", &guest.kernel)
+        .env("BULKHEAD_INITRD", &guest.initrd)
+        .env("BULKHEAD_VMM", &vmm)
+        .env("BULKHEAD_CLI", &cli)
+        .current_dir(root())
+        // Its own process group, so a deadline kill reaches the test binaries
+        // and the emulated hosts they started, not just cargo.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run {cargo}"))?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for cargo test")? {
+            ensure!(
+                status.success(),
+                "cargo {} failed ({status})",
+                args.join(" ")
+            );
+            return Ok(());
+        }
+        if start.elapsed() > TEST_DEADLINE {
+            // SAFETY: kill(2) on the process group we created; no memory involved.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            bail!(
+                "cargo test still running after {} min: killed. The test that hung is the one \
+                 libtest reported as \"running for over 60 seconds\" above without a result",
+                TEST_DEADLINE.as_secs() / 60
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }

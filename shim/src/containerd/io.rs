@@ -462,17 +462,30 @@ mod tests {
             stderr: None,
             stdin: None,
         };
-        let reader = tokio::task::spawn_blocking({
-            let fifo = fifo.clone();
-            move || std::fs::read_to_string(fifo).unwrap()
-        });
+        // The reader opens its end before the task is created, as containerd
+        // does; a reader opening only after the writer closed would wait for
+        // a writer forever.
+        // It reads only once the writer is there: a FIFO without writers
+        // reads as end-of-file.
+        let reader = pipe::OpenOptions::new().open_receiver(&fifo).unwrap();
         let mut io = ProcessIo::wire(streams, &spec, "c1", "default")
             .await
             .unwrap();
+        let reader = tokio::spawn(async move {
+            let mut reader = reader;
+            let mut got = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut reader, &mut got)
+                .await
+                .unwrap();
+            got
+        });
         guest.write_all(b"last words\n").await.unwrap();
         drop(guest);
         io.drain().await;
         drop(io);
-        assert_eq!(reader.await.unwrap(), "last words\n");
+        let got = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("the FIFO reader saw end-of-file once the copy ended");
+        assert_eq!(got.unwrap(), "last words\n");
     }
 }
