@@ -1,0 +1,1 @@
+//! The image store of the bulkhead CLI (being written).
