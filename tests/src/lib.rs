@@ -20,6 +20,7 @@ pub mod initramfs;
 pub mod kvm;
 pub mod oci_image;
 pub mod process;
+pub mod registry;
 pub mod shell;
 pub mod testhost;
 
