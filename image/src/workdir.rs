@@ -70,7 +70,8 @@ fn alive(pid: i32) -> bool {
 }
 
 /// Remove the entries of `tmp_dir` whose owning process is gone: the leftovers of
-/// interrupted pulls, loads and removals. Returns what was removed.
+/// interrupted pulls, loads and removals. Returns what was removed; what cannot
+/// be removed is logged and left for the next time.
 pub(crate) fn clean_leftovers(tmp_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(tmp_dir).at("read directory", tmp_dir)? {
@@ -85,8 +86,11 @@ pub(crate) fn clean_leftovers(tmp_dir: &Path) -> Result<Vec<PathBuf>> {
         }
         let path = entry.path();
         tracing::info!(path = %path.display(), pid, "removing leftover of an interrupted operation");
-        remove_all(&path).at("remove leftover", &path)?;
-        removed.push(path);
+        // Not fatal: the leftover is invisible anyway, and a later open retries.
+        match remove_all(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) => tracing::warn!(path = %path.display(), "cannot remove leftover: {e}"),
+        }
     }
     Ok(removed)
 }

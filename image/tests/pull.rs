@@ -62,7 +62,12 @@ async fn by_tag_then_by_digest() {
     let (_dir, store) = store();
     let name = format!("{}/team/app:1", registry.addr());
 
-    let image = store.pull(&name, &opts(work.path())).await.unwrap();
+    // With progress bars (drawn only when stderr is a terminal).
+    let with_bars = PullOptions {
+        progress: true,
+        ..opts(work.path())
+    };
+    let image = store.pull(&name, &with_bars).await.unwrap();
     assert_eq!(image.id, built.config_digest);
     assert_eq!(image.names, vec![name.clone()]);
     assert_eq!(image.manifest_digest, built.manifest_digest);
@@ -238,4 +243,218 @@ async fn unknown_tag_and_repository() {
         .unwrap_err();
     assert!(err.to_string().contains("lowercase"), "{err}");
     assert_store_empty(&store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_from_the_docker_config() {
+    use base64::Engine as _;
+    use bulkhead_tests::registry::{AUTH_PASSWORD, AUTH_USER};
+    let registry = Registry::start_with_auth().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (layout, built) = app_layout(&work.path().join("layout"));
+    registry
+        .push_oci_archive(&layout.dir, "private/app:1")
+        .unwrap();
+    let name = format!("{}/private/app:1", registry.addr());
+    let (_dir, store) = store();
+    let config = |user: &str, password: &str| {
+        let path = work.path().join(format!("config-{password}.json"));
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let json = json!({"auths": {registry.addr(): {"auth": auth}}});
+        fs::write(&path, json.to_string()).unwrap();
+        PullOptions {
+            docker_config: Some(path),
+            ..PullOptions::default()
+        }
+    };
+
+    // No credentials, then wrong ones: denied, and the message says what to do.
+    for opts in [opts(work.path()), config(AUTH_USER, "wrong")] {
+        let err = store.pull(&name, &opts).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Unauthorized { .. }), "{text}");
+        assert!(text.contains(&registry.addr()), "{text}");
+        assert!(text.contains("docker login"), "{text}");
+        let config_path = opts.docker_config.unwrap().display().to_string();
+        assert!(text.contains(&config_path), "names the config file: {text}");
+        assert_store_empty(&store);
+    }
+    let image = store
+        .pull(&name, &config(AUTH_USER, AUTH_PASSWORD))
+        .await
+        .unwrap();
+    assert_eq!(image.id, built.config_digest);
+}
+
+/// Incompressible bytes, so layers are big on the wire too.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An image of `layers` layers of `size` random bytes each, pushed as `name_tag`.
+fn push_big(registry: &Registry, dir: &Path, name_tag: &str, layers: u64, size: usize) -> Built {
+    let layout = Layout::new(dir);
+    let layers = (0..layers)
+        .map(|i| {
+            let name_hash = name_tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+            let seed = name_hash.wrapping_add(i);
+            let tar = Tar::default()
+                .file(&format!("data/{i}"), &noise(size, seed))
+                .finish();
+            (tar, Comp::Gzip)
+        })
+        .collect();
+    let built = layout.image(&Spec::new(layers));
+    layout.finish(vec![built.descriptor("amd64", json!({}))]);
+    registry.push_oci_archive(&layout.dir, name_tag).unwrap();
+    built
+}
+
+/// Run this test binary's `child_pull` in a new process: a real second
+/// `bulkhead` process using the same store.
+fn spawn_child_pull(root: &Path, reference: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_pull",
+            "--exact",
+            "--ignored",
+            "--quiet",
+            "--test-threads=1",
+        ])
+        .env("BULKHEAD_TEST_STORE", root)
+        .env("BULKHEAD_TEST_PULL", reference)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The child process of the tests below; does nothing when run on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by other tests as a child process"]
+async fn child_pull() {
+    let (Ok(root), Ok(reference)) = (
+        std::env::var("BULKHEAD_TEST_STORE"),
+        std::env::var("BULKHEAD_TEST_PULL"),
+    ) else {
+        return;
+    };
+    let store = Store::open(&root).unwrap();
+    let opts = opts(Path::new(&root));
+    store.pull(&reference, &opts).await.unwrap();
+}
+
+#[test]
+fn two_processes_pull_different_images_at_once() {
+    let registry = registry();
+    let work = tempfile::tempdir().unwrap();
+    let one = push_big(
+        &registry,
+        &work.path().join("one"),
+        "team/one:1",
+        3,
+        1 << 20,
+    );
+    let two = push_big(
+        &registry,
+        &work.path().join("two"),
+        "team/two:1",
+        3,
+        1 << 20,
+    );
+    let root = work.path().join("images");
+    Store::open(&root).unwrap();
+    let children = ["team/one:1", "team/two:1"]
+        .map(|name| spawn_child_pull(&root, &format!("{}/{name}", registry.addr())));
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let store = Store::open(&root).unwrap();
+    let ids: Vec<String> = store.list().unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&one.config_digest) && ids.contains(&two.config_digest));
+    for image in store.list().unwrap() {
+        assert_eq!(
+            names(&store.rootfs(&image).join("data")),
+            vec!["0", "1", "2"]
+        );
+    }
+    assert!(names(&root.join("tmp")).is_empty());
+}
+
+/// Whatever moment a pull is killed at, the store shows either nothing or the
+/// complete image, every stored blob matches its digest, and reopening the store
+/// removes the dead pull's work.
+#[test]
+fn killed_pull_leaves_nothing_half_written() {
+    let registry = registry();
+    let work = tempfile::tempdir().unwrap();
+    let built = push_big(
+        &registry,
+        &work.path().join("big"),
+        "team/big:1",
+        3,
+        4 << 20,
+    );
+    let reference = format!("{}/team/big:1", registry.addr());
+    let mut completed = 0;
+    for (round, delay_ms) in [0u64, 30, 100, 250, 500, 1000, 2000]
+        .into_iter()
+        .enumerate()
+    {
+        let root = work.path().join(format!("images-{round}"));
+        Store::open(&root).unwrap();
+        let mut child = spawn_child_pull(&root, &reference);
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        completed += usize::from(status.success());
+
+        let store = Store::open(&root).unwrap();
+        assert!(
+            names(&root.join("tmp")).is_empty(),
+            "round {round}: work left"
+        );
+        for hex in names(&root.join("blobs/sha256")) {
+            let bytes = fs::read(root.join("blobs/sha256").join(&hex)).unwrap();
+            assert_eq!(
+                sha256(&bytes),
+                format!("sha256:{hex}"),
+                "round {round}: partial blob"
+            );
+        }
+        let images = store.list().unwrap();
+        for dir in names(&root.join("rootfs")) {
+            let rootfs = root.join("rootfs").join(&dir);
+            assert_eq!(
+                names(&rootfs.join("data")),
+                vec!["0", "1", "2"],
+                "round {round}"
+            );
+        }
+        if let Some(image) = images.first() {
+            assert_eq!(image.id, built.config_digest);
+            assert!(store.rootfs(image).is_dir());
+        }
+        // And the store still works: the pull completes after the crash.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let image = runtime
+            .block_on(store.pull(&reference, &opts(&root)))
+            .unwrap();
+        assert_eq!(
+            names(&store.rootfs(&image).join("data")),
+            vec!["0", "1", "2"]
+        );
+    }
+    eprintln!("pulls that finished before the kill: {completed} of 7");
 }

@@ -37,6 +37,13 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 /// skopeo, from Debian's `skopeo` package, found on `PATH`.
 pub const SKOPEO: &str = "skopeo";
 
+/// The user of a registry started with [`Registry::start_with_auth`].
+pub const AUTH_USER: &str = "bulkhead";
+/// [`AUTH_USER`]'s password.
+pub const AUTH_PASSWORD: &str = "bulkhead-test-pw";
+/// bcrypt (cost 5) of [`AUTH_PASSWORD`], for the registry's htpasswd file.
+const AUTH_PASSWORD_BCRYPT: &str = "$2b$05$Icj.vZKl4QlCTFS1Fy2Iuer.09USyAL/6pH2ow3wcg6tBMx/pMedG";
+
 /// How long the registry may take to answer on `/v2/`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the registry gets to exit on SIGTERM.
@@ -58,6 +65,8 @@ pub struct Registry {
     child: Option<Child>,
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    /// Whether pulls and pushes need [`AUTH_USER`]'s credentials.
+    auth: bool,
 }
 
 impl Registry {
@@ -67,10 +76,21 @@ impl Registry {
     /// or `skopeo` is missing; with the registry's log tail if it exits or does
     /// not answer in time.
     pub fn start() -> Result<Registry> {
+        Registry::start_with(false)
+    }
+
+    /// Like [`Registry::start`], but every request needs HTTP basic auth as
+    /// [`AUTH_USER`] with [`AUTH_PASSWORD`] (an htpasswd file, as a private
+    /// registry would have); pushes through [`Registry::push_oci_archive`] log in.
+    pub fn start_with_auth() -> Result<Registry> {
+        Registry::start_with(true)
+    }
+
+    fn start_with(auth: bool) -> Result<Registry> {
         require_tools()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Registry::start_once() {
+            match Registry::start_once(auth) {
                 Ok(registry) => return Ok(registry),
                 // Most likely the port was taken between probing and binding.
                 Err(e @ Error::CommandFailed { .. }) => last_error = Some(e),
@@ -80,7 +100,7 @@ impl Registry {
         Err(last_error.expect("at least one attempt was made"))
     }
 
-    fn start_once() -> Result<Registry> {
+    fn start_once(auth: bool) -> Result<Registry> {
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-registry-")
             .tempdir()
@@ -90,13 +110,22 @@ impl Registry {
         fs::create_dir(&storage).at("creating directory", &storage)?;
         let config = dir.path().join("config.yml");
         // No blob descriptor cache: a test that corrupts storage sees it served.
-        let yaml = format!(
+        let mut yaml = format!(
             "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
              http:\n  addr: {addr}\n",
             storage.display()
         );
+        if auth {
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{AUTH_USER}:{AUTH_PASSWORD_BCRYPT}\n"))
+                .at("writing", &htpasswd)?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: bulkhead-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
         fs::write(&config, yaml).at("writing", &config)?;
         let log_path = dir.path().join("registry.log");
         let log = File::create(&log_path).at("creating", &log_path)?;
@@ -115,6 +144,7 @@ impl Registry {
             child: Some(child),
             dir,
             addr,
+            auth,
         };
         registry.wait_ready(&process::describe(&cmd))?;
         Ok(registry)
@@ -178,8 +208,11 @@ impl Registry {
         let transport = if meta.is_dir() { "oci" } else { "oci-archive" };
         let mut cmd = Command::new(SKOPEO);
         cmd.args(["copy", "--insecure-policy", "--all", "--preserve-digests"])
-            .arg("--dest-tls-verify=false")
-            .arg(format!("{transport}:{}", layout.display()))
+            .arg("--dest-tls-verify=false");
+        if self.auth {
+            cmd.arg(format!("--dest-creds={AUTH_USER}:{AUTH_PASSWORD}"));
+        }
+        cmd.arg(format!("{transport}:{}", layout.display()))
             .arg(format!("docker://{}/{name_tag}", self.addr));
         process::run(&mut cmd, PUSH_TIMEOUT).map(drop)
     }
@@ -251,7 +284,7 @@ fn free_port() -> Result<SocketAddr> {
         .at("reading the address of", "127.0.0.1")
 }
 
-/// Whether `GET /v2/` on `addr` answers 200.
+/// Whether `GET /v2/` on `addr` answers: 200, or 401 when auth is on.
 fn v2_answers(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
@@ -270,7 +303,14 @@ fn v2_answers(addr: SocketAddr) -> bool {
         }
     }
     let status = String::from_utf8_lossy(&head[..read]);
-    status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")
+    [
+        "HTTP/1.1 200",
+        "HTTP/1.0 200",
+        "HTTP/1.1 401",
+        "HTTP/1.0 401",
+    ]
+    .iter()
+    .any(|ok| status.starts_with(ok))
 }
 
 #[cfg(test)]
@@ -311,5 +351,17 @@ mod tests {
         drop(registry);
         assert!(!dir.exists());
         assert!(!v2_answers(addr));
+
+        // With auth: anonymous requests are refused, pushes log in.
+        let registry = Registry::start_with_auth().unwrap();
+        let mut stream = TcpStream::connect(registry.addr).unwrap();
+        write!(stream, "GET /v2/ HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.0 401"), "{answer}");
+        registry
+            .push_oci_archive(&archive, "private/harness:1")
+            .unwrap();
+        assert!(registry.blob_path(&image.manifest_digest).is_file());
     }
 }
