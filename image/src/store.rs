@@ -319,3 +319,55 @@ fn resolve(index: &Index, input: &str) -> Result<Target> {
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index_of(ids: &[&str], names: &[&str]) -> Index {
+        let mut index = Index::default();
+        for (i, hex) in ids.iter().enumerate() {
+            let id = format!("sha256:{hex}");
+            index.add(StoredImage {
+                record: ImageRecord {
+                    id: id.clone(),
+                    names: names
+                        .get(i)
+                        .map(|n| vec![n.to_string()])
+                        .unwrap_or_default(),
+                    repo_digests: Vec::new(),
+                    manifest_digest: String::new(),
+                    size: 0,
+                    created: None,
+                    config: Default::default(),
+                },
+                blobs: vec![id],
+            });
+        }
+        index
+    }
+
+    #[test]
+    fn names_before_prefixes_and_ambiguity() {
+        let a = format!("abc{}", "0".repeat(61));
+        let b = format!("abd{}", "0".repeat(61));
+        // An image *named* like a hex prefix: the name wins, as in Docker.
+        let index = index_of(&[&a, &b], &["docker.io/library/abd:latest"]);
+        let id = |input: &str| match resolve(&index, input) {
+            Ok(Target::Id(id)) => Ok(id),
+            Ok(Target::Name { id, .. }) => Ok(format!("name:{id}")),
+            Err(e) => Err(e),
+        };
+        assert_eq!(id("abc").unwrap(), format!("sha256:{a}"));
+        assert_eq!(id("sha256:abc").unwrap(), format!("sha256:{a}"));
+        assert_eq!(id(&b).unwrap(), format!("sha256:{b}"));
+        assert_eq!(id("abd").unwrap(), format!("name:sha256:{a}"));
+        match id("ab") {
+            Err(StoreError::AmbiguousId { candidates, .. }) => assert_eq!(candidates.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(id("sha256:"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(id("sha256:xyz"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(id("abe"), Err(StoreError::NotFound { .. })));
+    }
+}

@@ -329,6 +329,22 @@ fn multi_platform_layout_loads_amd64_only() {
         .join("blobs/sha256")
         .join(arm.layer_digests[0].trim_start_matches("sha256:"))
         .exists());
+
+    // The platforms listed straight in index.json (no nested index) as well.
+    layout.finish(vec![
+        arm.descriptor(
+            "arm64",
+            json!({"io.containerd.image.name": "docker.io/library/m:arm"}),
+        ),
+        amd.descriptor(
+            "amd64",
+            json!({"io.containerd.image.name": "docker.io/library/m:amd"}),
+        ),
+    ]);
+    let (_dir2, fresh) = self::store();
+    let loaded = fresh.load(&layout.dir, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].names, vec!["docker.io/library/m:amd"]);
 }
 
 #[test]
