@@ -65,6 +65,11 @@ impl Progress {
 }
 
 impl Bar {
+    /// A bar that shows nothing (for blobs too small to report).
+    pub(crate) fn none() -> Bar {
+        Bar(None)
+    }
+
     /// Set the total once it is known.
     pub(crate) fn set_length(&self, total: u64) {
         if let Some(bar) = &self.0 {

@@ -421,10 +421,3 @@ fn is_digest_error(error: &std::io::Error) -> bool {
         .get_ref()
         .is_some_and(|inner| inner.downcast_ref::<DigestError>().is_some())
 }
-
-impl Bar {
-    /// A bar that shows nothing.
-    pub(crate) fn none() -> Bar {
-        Progress::default().bar("", "", None)
-    }
-}
