@@ -275,7 +275,10 @@ mod tests {
             .unwrap();
         assert_eq!(got, digest);
         assert!(staging.contains(&digest));
-        assert!(!blobs.list().unwrap().contains(&digest), "not visible before publish");
+        assert!(
+            !blobs.list().unwrap().contains(&digest),
+            "not visible before publish"
+        );
         blobs.publish(&staging).unwrap();
         assert!(blobs.list().unwrap().contains(&digest));
         assert_eq!(blobs.list().unwrap(), vec![digest.clone()]);
