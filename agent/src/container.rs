@@ -556,6 +556,13 @@ fn prepare_spec(
         return Err(invalid(id, "empty command"));
     }
     process.set_terminal(Some(terminal));
+    let cwd = process.cwd().clone();
+    crate::workdir::ensure(rootfs, &cwd).map_err(|e| {
+        invalid(
+            id,
+            format!("cannot make the working directory {}: {e}", cwd.display()),
+        )
+    })?;
 
     let linux = spec
         .linux_mut()
