@@ -40,6 +40,8 @@ pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_LOG_LEVEL: &str = "warn";
 /// Default directory under which each sandbox gets its own directory.
 pub const DEFAULT_RUN_ROOT: &str = "/run/bulkhead";
+/// Where the `bulkhead` CLI keeps images and containers by default.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/bulkhead";
 
 /// This host's settings for bulkhead's sandboxes (`/etc/bulkhead/config.toml`).
 ///
@@ -85,6 +87,10 @@ pub struct Config {
     /// Directory holding one directory per running sandbox (sockets, logs).
     /// Absolute path. Default `/run/bulkhead`.
     pub run_root: PathBuf,
+    /// Where the `bulkhead` CLI keeps its images (`images/`) and containers
+    /// (`containers/`: settings, logs, exit status). Absolute path. Default
+    /// `/var/lib/bulkhead`. `$BULKHEAD_ROOT` overrides it.
+    pub state_root: PathBuf,
     /// The file these settings came from; `None` for the built-in defaults.
     #[serde(skip)]
     file: Option<ConfigFile>,
@@ -104,6 +110,7 @@ impl Default for Config {
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             debug_console: false,
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
+            state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             file: None,
         }
     }
@@ -294,6 +301,7 @@ impl Config {
             ("vmm", self.vmm.as_deref()),
             ("virtiofsd", self.virtiofsd.as_deref()),
             ("run_root", Some(self.run_root.as_path())),
+            ("state_root", Some(self.state_root.as_path())),
         ];
         for (field, path) in paths {
             if let Some(path) = path.filter(|p| !p.is_absolute()) {
@@ -464,6 +472,7 @@ mod tests {
             "log_level",
             "debug_console",
             "run_root",
+            "state_root",
         ] {
             assert!(
                 line_of(&uncommented, field).is_some(),
@@ -486,6 +495,7 @@ mod tests {
             log_level = "bulkhead=debug,info"
             debug_console = true
             run_root = "/tmp/bh"
+            state_root = "/srv/bh"
         "#
         .parse()
         .unwrap();
@@ -496,6 +506,7 @@ mod tests {
         assert_eq!(config.boot_timeout(), Duration::from_secs(5));
         assert!(config.debug_console);
         assert_eq!(config.run_root, Path::new("/tmp/bh"));
+        assert_eq!(config.state_root, Path::new("/srv/bh"));
     }
 
     #[test]

@@ -273,7 +273,12 @@ fn memory_limit_ooms() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
     // Holds 64 MiB in a shell variable: far past a 32 MiB limit.
     let hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived";
-    let r = bulkhead_run(rootfs.path(), &["--memory", "32"], &["sh", "-c", hog], None)?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["--memory", "32m"],
+        &["sh", "-c", hog],
+        None,
+    )?;
     if r.code == 0 || r.stdout.contains("survived") {
         return Err(format!("64 MiB fit in a 32 MiB limit: {}, {}", r.code, r.stdout).into());
     }
@@ -351,8 +356,23 @@ fn exec_joins_a_running_container() -> Result<(), Failed> {
         expect(&r, 3, "exec")?;
         let lines: Vec<&str> = r.stdout.lines().collect();
         let pid_in_container = std::fs::read_to_string(rootfs.path().join("work/main.pid"))?;
+        // The hostname is the short container id, as in Docker.
+        let inspect = wait_with_deadline(
+            Command::new(cli())
+                .args(["inspect", name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+            DEADLINE,
+        )?;
+        let id: serde_json::Value = serde_json::from_str(&inspect.stdout)?;
+        let short_id = id[0]["Id"]
+            .as_str()
+            .unwrap_or_default()
+            .get(..12)
+            .unwrap_or_default();
         if lines.first().copied() != Some(pid_in_container.trim())
-            || lines.get(2).copied() != Some(name)
+            || lines.get(2).copied() != Some(short_id)
         {
             return Err(format!("the exec does not see the container: {:?}", r.stdout).into());
         }
@@ -375,7 +395,7 @@ fn exec_joins_a_running_container() -> Result<(), Failed> {
         if unknown.code != 125
             || !unknown
                 .stderr
-                .contains("No running sandbox named no-such-container")
+                .contains("no container named or with an id starting \"no-such-container\"")
         {
             return Err(format!(
                 "exec into a missing container: {} {}",
@@ -524,8 +544,8 @@ fn command_not_found_is_127() -> Result<(), Failed> {
 
 fn rejects_too_little_memory() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
-    let r = bulkhead_run(rootfs.path(), &["--memory", "2"], &["true"], None)?;
-    expect(&r, 125, "--memory 2")?;
+    let r = bulkhead_run(rootfs.path(), &["--memory", "2m"], &["true"], None)?;
+    expect(&r, 125, "--memory 2m")?;
     if !r.stderr.contains("at least") {
         return Err(format!("unclear error: {}", r.stderr).into());
     }

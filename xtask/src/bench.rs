@@ -2,6 +2,7 @@
 //! same run, reported as ratios (absolute times under emulation mean little).
 
 mod boot;
+mod cli;
 mod ctr;
 mod run;
 
@@ -16,6 +17,8 @@ pub enum Which {
     Run,
     /// containerd: `ctr run` with the bulkhead runtime vs runc's, and ten at once.
     Ctr,
+    /// The CLI with an image: `bulkhead run --rm busybox true` vs `runc run`.
+    Cli,
 }
 
 /// Runs benchmark `which` with `runs` samples per side.
@@ -24,6 +27,7 @@ pub fn run(which: Which, runs: usize) -> Result<()> {
         Which::Boot => boot::run(runs),
         Which::Run => run::run(runs),
         Which::Ctr => ctr::run(runs),
+        Which::Cli => cli::run(runs),
     }
 }
 

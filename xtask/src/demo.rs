@@ -3,28 +3,35 @@
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{guest, place, rootfs, workspace};
+use crate::{guest, images, place, workspace};
 
 /// Builds what the demo needs, then runs a container where KVM can boot it.
 pub fn run() -> Result<()> {
     let target = workspace::root().join("target");
     let cli = target.join("release").join("bulkhead");
-    let rootfs = target.join("demo").join("rootfs");
+    let archive = target.join("images").join("busybox.tar");
     // Inside the emulated host the outer run has built everything already.
     if !bulkhead_tests::kvm::inside_emulated_host() {
         guest::build(&workspace::guest_dir())?;
         workspace::build_vmm(true)?;
         workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
-        rootfs::busybox(&rootfs)?;
+        images::busybox_archive()?;
     }
     place::run_with_kvm("demo", || {
+        let mut run = std::process::Command::new(&cli);
+        if bulkhead_tests::kvm::inside_emulated_host() {
+            // There `/var/lib` is an overlay, which cannot hold a container's
+            // writable layer: keep images and containers on the /run tmpfs,
+            // and load the embedded image there.
+            let root = std::path::Path::new("/run/bulkhead-demo");
+            images::load(&cli, &archive, Some(root))?;
+            run.env("BULKHEAD_ROOT", root);
+        }
         let started = std::time::Instant::now();
         let script = "echo \"hello from a container in a bulkhead microVM: $(uname -sr), $(nproc) vCPUs, pid $$\"";
-        let status = std::process::Command::new(&cli)
-            .arg("run")
-            .arg("--rootfs")
-            .arg(&rootfs)
-            .args(["--cpus", "2", "--", "sh", "-c", script])
+        println!("demo: bulkhead run --rm --cpus 2 busybox sh -c '{script}'");
+        let status = run
+            .args(["run", "--rm", "--cpus", "2", "busybox", "sh", "-c", script])
             .status()
             .with_context(|| format!("cannot run {}", cli.display()))?;
         ensure!(status.success(), "bulkhead run failed ({status})");

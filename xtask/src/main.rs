@@ -7,6 +7,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod guest;
+mod images;
 mod kernel;
 mod place;
 mod rootfs;
@@ -69,6 +70,16 @@ fn main() -> Result<()> {
                     "setup: emulated test host kernel {} cached",
                     assets.kernel_package
                 );
+                // The debug build `cargo xtask test` uses too, so this costs
+                // CI nothing extra.
+                workspace::cargo(&["build", "--quiet", "--package", "bulkhead"])?;
+                let cli = workspace::root()
+                    .join("target")
+                    .join("debug")
+                    .join("bulkhead");
+                let archive = images::busybox_archive()?;
+                images::load(&cli, &archive, None)?;
+                println!("setup: image {} loaded", images::BUSYBOX_IMAGE);
             }
             Ok(())
         }

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bulkhead::cli::doctor::{diagnose, use_colour};
-use bulkhead::cli::exec::exec;
-use bulkhead::cli::run::{run, RunOptions};
-use bulkhead::cli::spec::ProcessOptions;
+use bulkhead::cli::exec::{exec, ExecOptions};
+use bulkhead::cli::flags::{parse_cpus, parse_memory, parse_signal, parse_volume, read_env_file};
+use bulkhead::cli::monitor::{supervise, Attach};
+use bulkhead::cli::run::{run, RunOptions, Source};
+use bulkhead::cli::{images, manage};
 use bulkhead::config::{Config, ConfigError, ConfigFile, NamedBy, DEFAULT_LOG_LEVEL};
 use clap::{Parser, Subcommand};
 
@@ -25,13 +27,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a command in a container, in its own microVM; exits with its status.
+    /// Run a command in a new container, in its own microVM; exits with its
+    /// status (or prints its id with -d).
     Run(RunArgs),
-    /// Run another command in a running container (started with `run --name`).
+    /// Run another command in a running container.
     Exec(ExecArgs),
+    /// List containers (running ones; all with -a).
+    Ps(PsArgs),
+    /// Print a container's output (stdout and stderr as written).
+    Logs(LogsArgs),
+    /// Stop containers: their stop signal, then SIGKILL after a grace period.
+    Stop(StopArgs),
+    /// Send a signal to containers.
+    Kill(KillArgs),
+    /// Remove stopped containers (running ones too, with -f).
+    Rm(RmArgs),
+    /// Show containers' settings and state as JSON.
+    Inspect(NamesArgs),
+    /// Pull an image from a registry.
+    Pull(PullArgs),
+    /// Load images from an OCI layout (directory or tar) or a `docker save` tarball.
+    Load(LoadArgs),
+    /// List images.
+    Images(ImagesArgs),
+    /// Remove images.
+    Rmi(RmiArgs),
     /// Check that this host can run bulkhead, and say how to fix what is missing;
     /// exits 1 if a check failed.
     Doctor(DoctorArgs),
+    /// (internal) Hold a detached container's microVM for its life.
+    #[command(name = "__monitor", hide = true)]
+    Monitor {
+        /// The container's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,9 +70,9 @@ struct DoctorArgs {
     containerd_config: Option<PathBuf>,
 }
 
-/// The process flags `run` and `exec` share.
 #[derive(Debug, clap::Args)]
-struct ProcessArgs {
+#[command(trailing_var_arg = true)]
+struct ExecArgs {
     /// Keep stdin open and pass it to the process.
     #[arg(short, long)]
     interactive: bool,
@@ -56,58 +85,165 @@ struct ProcessArgs {
     /// Working directory inside the container.
     #[arg(short, long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
-    /// Numeric user (and group) to run as.
-    #[arg(short, long, value_name = "UID[:GID]")]
+    /// User (name or UID, optionally :group) to run as.
+    #[arg(short, long, value_name = "USER[:GROUP]")]
     user: Option<String>,
+    /// The container's name or id.
+    container: String,
     /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(allow_hyphen_values = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
-impl ProcessArgs {
-    fn options(self, read_only: bool) -> ProcessOptions {
-        ProcessOptions {
-            args: self.command,
-            env: self.env,
-            cwd: self.workdir,
-            user: self.user,
-            terminal: self.tty,
-            read_only,
-            memory_limit: None,
-        }
-    }
-}
-
 #[derive(Debug, clap::Args)]
-struct ExecArgs {
-    /// The container's name.
-    name: String,
-    #[command(flatten)]
-    process: ProcessArgs,
-}
-
-#[derive(Debug, clap::Args)]
+#[command(trailing_var_arg = true)]
 struct RunArgs {
-    /// The container's root file system: a directory on this host.
+    /// Run on this host directory as the root file system instead of an image
+    /// (then every argument is the command).
     #[arg(long, value_name = "DIR")]
-    rootfs: PathBuf,
-    /// Name the container (for `bulkhead exec`); a random id otherwise.
+    rootfs: Option<PathBuf>,
+    /// Name the container; a random one otherwise.
     #[arg(long)]
     name: Option<String>,
-    #[command(flatten)]
-    process: ProcessArgs,
-    /// Container memory limit in MiB (the microVM gets this plus the guest's share).
-    #[arg(long, value_name = "MIB")]
-    memory: Option<u32>,
-    /// vCPUs of the microVM [default: the config's `vcpus`, 1].
+    /// Run in the background and print the container's id.
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container when it exits.
     #[arg(long)]
-    cpus: Option<u16>,
+    rm: bool,
+    /// Keep stdin open and pass it to the process.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Give the process a terminal (pty).
+    #[arg(short, long)]
+    tty: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Read environment variables from a file, one KEY=VALUE per line (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Bind a host directory into the container, read-only with :ro (repeatable).
+    #[arg(short, long = "volume", value_name = "HOST:CTR[:ro]")]
+    volume: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User (name or UID, optionally :group) to run as.
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
+    /// Override the image's entrypoint ("" for none).
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// Memory limit of the container, e.g. 256m or 1g (the microVM gets this
+    /// plus the guest's share).
+    #[arg(short, long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// CPUs for the container, e.g. 1.5 (the microVM gets that many vCPUs,
+    /// rounded up) [default: the config's `vcpus`, 1].
+    #[arg(long)]
+    cpus: Option<String>,
     /// Mount the root file system read-only.
     #[arg(long)]
     read_only: bool,
     /// Seconds the microVM has to come up [default: the config's `boot_timeout_secs`, 60].
     #[arg(long, value_name = "SECS")]
     boot_timeout: Option<u64>,
+    /// IMAGE [CMD...], or with --rootfs: CMD...
+    #[arg(allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
+    args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PsArgs {
+    /// All containers, not only running ones.
+    #[arg(short, long)]
+    all: bool,
+    /// Only ids.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct LogsArgs {
+    /// Keep printing new output until the container exits.
+    #[arg(short, long)]
+    follow: bool,
+    /// The container's name or id.
+    container: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct StopArgs {
+    /// Seconds to wait after the stop signal before SIGKILL.
+    #[arg(short, long = "time", default_value_t = 10)]
+    time: u64,
+    /// Names or ids.
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct KillArgs {
+    /// The signal (name or number).
+    #[arg(short, long, default_value = "KILL")]
+    signal: String,
+    /// Names or ids.
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RmArgs {
+    /// Kill and remove running containers too.
+    #[arg(short, long)]
+    force: bool,
+    /// Names or ids.
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct NamesArgs {
+    /// Names or ids.
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PullArgs {
+    /// Allow plain HTTP to this registry (host[:port]; localhost always may).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// The image, e.g. busybox, busybox:1.36, ghcr.io/org/app@sha256:...
+    reference: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The archive: an OCI layout (directory or tar) or a `docker save` tarball.
+    #[arg(short, long, value_name = "FILE")]
+    input: PathBuf,
+    /// The name to give an image the archive does not name.
+    #[arg(long, value_name = "NAME[:TAG]")]
+    tag: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImagesArgs {
+    /// Only ids.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RmiArgs {
+    /// Remove even if containers use it.
+    #[arg(short, long)]
+    force: bool,
+    /// Names or ids.
+    #[arg(required = true)]
+    images: Vec<String>,
 }
 
 /// Like docker run: 125 when bulkhead itself failed.
@@ -169,25 +305,94 @@ fn real_main(command: Command, config: Config) -> Result<i32> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    runtime.block_on(dispatch(command, config))
+}
+
+async fn dispatch(command: Command, config: Config) -> Result<i32> {
     match command {
+        Command::Run(args) => run(run_options(args, config)?).await,
         Command::Exec(args) => {
-            let interactive = args.process.interactive;
-            let process = args.process.options(false);
-            runtime.block_on(exec(&config.run_root, &args.name, &process, interactive))
+            let opts = ExecOptions {
+                args: args.command,
+                env: args.env,
+                workdir: args.workdir,
+                user: args.user,
+                tty: args.tty,
+                interactive: args.interactive,
+            };
+            exec(&config, &args.container, &opts).await
         }
-        Command::Run(args) => {
-            let interactive = args.process.interactive;
-            runtime.block_on(run(RunOptions {
-                rootfs: args.rootfs,
-                process: args.process.options(args.read_only),
-                interactive,
-                memory_mib: args.memory,
-                cpus: args.cpus,
-                boot_timeout: args.boot_timeout.map(Duration::from_secs),
-                name: args.name,
-                config,
-            }))
+        Command::Ps(args) => manage::ps(&config, args.all, args.quiet).map(|()| 0),
+        Command::Logs(args) => manage::logs(&config, &args.container, args.follow)
+            .await
+            .map(|()| 0),
+        Command::Stop(args) => {
+            for c in &args.containers {
+                manage::stop(&config, c, Duration::from_secs(args.time)).await?;
+            }
+            Ok(0)
+        }
+        Command::Kill(args) => {
+            let signal = parse_signal(&args.signal)?;
+            for c in &args.containers {
+                manage::kill(&config, c, signal).await?;
+            }
+            Ok(0)
+        }
+        Command::Rm(args) => manage::rm(&config, &args.containers, args.force)
+            .await
+            .map(|()| 0),
+        Command::Inspect(args) => manage::inspect(&config, &args.containers).map(|()| 0),
+        Command::Pull(args) => images::pull(&config, &args.reference, &args.insecure_registry)
+            .await
+            .map(|()| 0),
+        Command::Load(args) => images::load(&config, &args.input, args.tag).map(|()| 0),
+        Command::Images(args) => images::list(&config, args.quiet).map(|()| 0),
+        Command::Rmi(args) => images::remove(&config, &args.images, args.force).map(|()| 0),
+        Command::Monitor { id } => {
+            let containers = manage::containers(&config)?;
+            supervise(&config, &containers, &id, Attach::Detached).await
         }
         Command::Doctor(_) => unreachable!("doctor runs before the runtime is built"),
     }
+}
+
+fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
+    let mut positional = args.args.into_iter();
+    let source = match args.rootfs {
+        Some(dir) => Source::Rootfs(dir),
+        None => Source::Image(positional.next().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no image given, e.g. `bulkhead run busybox echo hello` (or --rootfs DIR -- CMD)"
+            )
+        })?),
+    };
+    let mut env = Vec::new();
+    for file in &args.env_file {
+        env.extend(read_env_file(file)?);
+    }
+    env.extend(args.env);
+    Ok(RunOptions {
+        source,
+        command: positional.collect(),
+        entrypoint: args.entrypoint,
+        env,
+        workdir: args.workdir,
+        user: args.user,
+        tty: args.tty,
+        interactive: args.interactive,
+        detach: args.detach,
+        auto_remove: args.rm,
+        read_only: args.read_only,
+        memory: args.memory.as_deref().map(parse_memory).transpose()?,
+        cpus: args.cpus.as_deref().map(parse_cpus).transpose()?,
+        volumes: args
+            .volume
+            .iter()
+            .map(|v| parse_volume(v))
+            .collect::<Result<_>>()?,
+        boot_timeout: args.boot_timeout.map(Duration::from_secs),
+        name: args.name,
+        config,
+    })
 }

@@ -1,37 +1,92 @@
-//! `bulkhead exec NAME -- CMD...`: run another process in a running container,
+//! `bulkhead exec NAME CMD...`: run another process in a running container,
 //! in its namespaces and cgroup, from any shell on the host.
-
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use bulkhead_protocol::agent::ExecProcessRequest;
 use bulkhead_protocol::ttrpc;
 
-use super::process_io::{self, ProcessRef};
+use super::containers::Status;
+use super::process_io::{self, OutputSinks, ProcessRef};
 use super::spec::{self, ProcessOptions};
+use crate::config::Config;
 use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
 
-/// Runs `process` in container `name` (started with `bulkhead run --name NAME`);
-/// returns its exit status.
-pub async fn exec(
-    run_root: &Path,
-    name: &str,
-    process: &ProcessOptions,
-    interactive: bool,
-) -> Result<i32> {
-    let conn = AgentConnection::attach(run_root, name).await?;
+/// What `exec` was asked.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    /// argv.
+    pub args: Vec<String>,
+    /// `-e`, added to the container's environment.
+    pub env: Vec<String>,
+    /// `-w`; the container's working directory otherwise.
+    pub workdir: Option<String>,
+    /// `-u`; the container's user otherwise.
+    pub user: Option<String>,
+    /// `-t`.
+    pub tty: bool,
+    /// `-i`.
+    pub interactive: bool,
+}
+
+/// Runs a process in container `name` (a name or id); returns its exit status.
+pub async fn exec(config: &Config, name: &str, opts: &ExecOptions) -> Result<i32> {
+    let containers = super::manage::containers(config)?;
+    let id = containers.lookup(name)?;
+    let record = containers.record(&id)?;
+    if containers.state(&id)?.effective_status() != Status::Running {
+        bail!(
+            "container {} is not running (see `bulkhead ps -a`)",
+            record.name
+        );
+    }
+    let sid = record.short_id();
+    if opts.args.is_empty() {
+        bail!("no command given, e.g. `bulkhead exec {name} sh`");
+    }
+    let user = match &opts.user {
+        // Resolved in the container's rootfs as it is now, as the share shows it.
+        Some(u) => {
+            let rootfs = config.run_root.join(sid).join("shared").join(sid);
+            let ids = super::users::resolve(&rootfs, u)?;
+            (
+                Some(format!("{}:{}", ids.uid, ids.gid)),
+                ids.additional_gids,
+            )
+        }
+        None => (
+            record.process.user.clone(),
+            record.process.additional_gids.clone(),
+        ),
+    };
+    let mut env = record.process.env.clone();
+    env.extend(opts.env.iter().cloned());
+    let process = ProcessOptions {
+        args: opts.args.clone(),
+        env,
+        cwd: opts.workdir.clone().or_else(|| record.process.cwd.clone()),
+        user: user.0,
+        terminal: opts.tty,
+        additional_gids: user.1,
+        ..Default::default()
+    };
+    let interactive = opts.interactive;
+    let conn = AgentConnection::attach(&config.run_root, sid).await?;
     // The spec builder knows the defaults (PATH, capabilities, user); take its process.
-    let spec = spec::build(process, name, name)?;
+    let spec = spec::build(&process, sid, sid)?;
     let Some(mut oci_process) = spec.process().clone() else {
         bail!("no process in the built spec")
     };
     // An exec has no init wrapper and no rlimits of its own beyond the container's.
     oci_process.set_rlimits(None);
     let target = ProcessRef {
-        container_id: name.to_owned(),
+        container_id: sid.to_owned(),
         exec_id: format!("exec-{}", super::run::random_hex(6)),
         interactive,
         terminal: process.terminal,
+    };
+    let sinks = OutputSinks {
+        terminal: true,
+        log: None,
     };
     let mut req = ExecProcessRequest::new();
     req.container_id = target.container_id.clone();
@@ -46,6 +101,6 @@ pub async fn exec(
         .exec_process(ttrpc::context::with_duration(RPC_TIMEOUT * 2), &req);
     let (reply, streams) = tokio::join!(call, process_io::open_streams(&conn, &target));
     reply.with_context(|| format!("exec in container {name}"))?;
-    let pumps = process_io::pump(streams?, &target);
+    let pumps = process_io::pump(streams?, &target, &sinks);
     process_io::wait(&conn, &target, pumps).await
 }

@@ -19,6 +19,7 @@ use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
+use super::container_log::{LogStream, LogWriter};
 use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
 
 /// How long output may keep arriving after the process exited.
@@ -99,10 +100,19 @@ pub struct Pumps {
     _raw: Option<RawTerminal>,
 }
 
-/// Starts copying: process output to our stdout/stderr, our stdin to the process.
-pub fn pump(streams: Streams, process: &ProcessRef) -> Pumps {
-    let (mut out_read, mut out_write) = streams.output.into_split();
-    let raw = if process.terminal {
+/// Where a process's output goes besides the vsock streams.
+#[derive(Clone, Debug)]
+pub struct OutputSinks {
+    /// Copy to our own stdout and stderr (a foreground run or exec).
+    pub terminal: bool,
+    /// Record in the container's log (`bulkhead logs`).
+    pub log: Option<LogWriter>,
+}
+
+/// Starts copying: process output to `sinks`, our stdin to the process.
+pub fn pump(streams: Streams, process: &ProcessRef, sinks: &OutputSinks) -> Pumps {
+    let (out_read, mut out_write) = streams.output.into_split();
+    let raw = if process.terminal && sinks.terminal {
         RawTerminal::enter()
     } else {
         None
@@ -113,17 +123,14 @@ pub fn pump(streams: Streams, process: &ProcessRef) -> Pumps {
             let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut out_write).await;
         });
     }
-    let output = tokio::spawn(async move {
-        let mut out = tokio::io::stdout();
-        let _ = tokio::io::copy(&mut out_read, &mut out).await;
-        let _ = out.flush().await;
-    });
+    let output = tokio::spawn(copy_output(out_read, LogStream::Stdout, sinks.clone()));
     let stderr = streams.stderr.map(|s| {
+        let (read, write) = s.into_split();
+        let sinks = sinks.clone();
         tokio::spawn(async move {
-            let (mut read, _write) = s.into_split();
-            let mut err = tokio::io::stderr();
-            let _ = tokio::io::copy(&mut read, &mut err).await;
-            let _ = err.flush().await;
+            // Hold the write half: dropping it would half-close the stream.
+            let _write = write;
+            copy_output(read, LogStream::Stderr, sinks).await
         })
     });
     if let Some(s) = streams.stdin {
@@ -138,6 +145,40 @@ pub fn pump(streams: Streams, process: &ProcessRef) -> Pumps {
         output,
         stderr,
         _raw: raw,
+    }
+}
+
+/// Copies one output stream until the guest closes it, to our stdout or
+/// stderr and/or the log.
+async fn copy_output(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    stream: LogStream,
+    sinks: OutputSinks,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut out: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> =
+        match (sinks.terminal, stream) {
+            (false, _) => None,
+            (true, LogStream::Stdout) => Some(Box::new(tokio::io::stdout())),
+            (true, LogStream::Stderr) => Some(Box::new(tokio::io::stderr())),
+        };
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(log) = &sinks.log {
+            if let Err(e) = log.append(stream, &buf[..n]) {
+                tracing::warn!("cannot write the container log: {e}");
+            }
+        }
+        if let Some(w) = out.as_mut() {
+            if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+                // Our terminal went away: keep logging, stop echoing.
+                out = None;
+            }
+        }
     }
 }
 

@@ -1,195 +1,273 @@
-//! `bulkhead run --rootfs DIR -- CMD...`: one container in its own microVM,
-//! with stdin, stdout, stderr and the exit status behaving as under runc.
+//! `bulkhead run`: one container in its own microVM, from an image or a
+//! rootfs directory, in the foreground (stdin, stdout, stderr and the exit
+//! status behave as under runc) or detached (`-d`, held by a monitor process).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bulkhead_protocol::agent::{
-    CreateContainerRequest, RemoveContainerRequest, StartContainerRequest, StatsContainerRequest,
-};
-use bulkhead_protocol::ttrpc;
 
-use super::artifacts::Artifacts;
-use super::process_io::{self, ProcessRef};
-use super::spec::{self, ProcessOptions};
+use super::containers::{ContainerRecord, Containers, Status};
+use super::flags::Volume;
+use super::images::{self, ImageChoice};
+use super::monitor::{self, Attach};
+use super::spec::ProcessOptions;
+use super::users;
 use crate::config::{Config, MAX_VCPUS};
-use crate::sandbox::{AgentConnection, Sandbox, SandboxConfig, RPC_TIMEOUT};
 
 pub use crate::config::GUEST_OVERHEAD_MIB;
 /// Smallest container memory limit we accept.
 pub const MIN_CONTAINER_MIB: u32 = 8;
 
+/// What the container runs on.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An image from the store (pulled first if it is not there).
+    Image(String),
+    /// A directory on this host, used as it is (read-write).
+    Rootfs(PathBuf),
+}
+
 /// Everything `bulkhead run` was asked.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// The container's root file system on the host.
-    pub rootfs: PathBuf,
-    /// The process.
-    pub process: ProcessOptions,
-    /// Pass stdin through.
+    /// Image or rootfs.
+    pub source: Source,
+    /// CMD: replaces the image's Cmd (required with `--rootfs`).
+    pub command: Vec<String>,
+    /// `--entrypoint`: replaces the image's Entrypoint (and drops its Cmd).
+    pub entrypoint: Option<String>,
+    /// `-e`, after the `--env-file` entries, so they win.
+    pub env: Vec<String>,
+    /// `-w`.
+    pub workdir: Option<String>,
+    /// `-u`: name or id, with an optional group.
+    pub user: Option<String>,
+    /// `-t`.
+    pub tty: bool,
+    /// `-i`.
     pub interactive: bool,
-    /// Container memory limit in MiB: the VM gets this plus the guest's
-    /// overhead. Without it the container has no limit and the VM gets the
-    /// config's `memory_mib`.
-    pub memory_mib: Option<u32>,
-    /// vCPUs (`--cpus`); the config's `vcpus` when not given.
-    pub cpus: Option<u16>,
-    /// How long the guest has to come up (`--boot-timeout`); the config's
-    /// `boot_timeout_secs` when not given.
+    /// `-d`.
+    pub detach: bool,
+    /// `--rm`.
+    pub auto_remove: bool,
+    /// `--read-only`.
+    pub read_only: bool,
+    /// `--memory`, bytes.
+    pub memory: Option<u64>,
+    /// `--cpus`.
+    pub cpus: Option<f64>,
+    /// `-v`.
+    pub volumes: Vec<Volume>,
+    /// `--boot-timeout`.
     pub boot_timeout: Option<Duration>,
-    /// The container's name (also its sandbox id); random when not given.
+    /// `--name`.
     pub name: Option<String>,
-    /// This host's settings: where the artifacts are, the defaults the flags
-    /// above override, where sandbox directories go.
+    /// This host's settings.
     pub config: Config,
 }
 
-/// Runs the container and returns the exit code the CLI should exit with.
+/// Runs the container and returns the exit code the CLI should exit with
+/// (the container's, or 0 after `-d` printed its id).
 pub async fn run(opts: RunOptions) -> Result<i32> {
-    if !opts.rootfs.is_dir() {
-        bail!("the rootfs {} is not a directory", opts.rootfs.display());
-    }
-    if let Some(m) = opts.memory_mib {
-        if m < MIN_CONTAINER_MIB {
-            bail!("--memory {m}: a container needs at least {MIN_CONTAINER_MIB} MiB (the VM adds {GUEST_OVERHEAD_MIB} MiB for the guest)");
+    validate(&opts)?;
+    let containers = Containers::open(&super::state_root(&opts.config))?;
+    let (image, image_id, image_rootfs, rootfs, base) = match &opts.source {
+        Source::Rootfs(dir) => {
+            if !dir.is_dir() {
+                bail!("the rootfs {} is not a directory", dir.display());
+            }
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("the rootfs {}", dir.display()))?;
+            (
+                format!("rootfs:{}", dir.display()),
+                None,
+                None,
+                Some(dir.clone()),
+                ImageChoice::none(dir),
+            )
         }
-    }
-    let vcpus = opts.cpus.unwrap_or(opts.config.vcpus);
-    if !(1..=MAX_VCPUS).contains(&vcpus) {
-        bail!("--cpus {vcpus}: a microVM has 1 to {MAX_VCPUS} vCPUs");
-    }
-    let boot_timeout = opts.boot_timeout.unwrap_or(opts.config.boot_timeout());
-    if boot_timeout.is_zero() {
-        bail!("--boot-timeout 0: the microVM needs at least 1 s to come up");
-    }
-    let id = opts
+        Source::Image(reference) => {
+            let chosen = images::for_run(&opts.config, reference).await?;
+            (
+                reference.clone(),
+                Some(chosen.id.clone()),
+                Some(chosen.rootfs.clone()),
+                None,
+                chosen,
+            )
+        }
+    };
+    let process = process_options(&opts, &base)?;
+    let id = random_hex(32);
+    let name = opts
         .name
         .clone()
-        .unwrap_or_else(|| format!("bh-{}", random_hex(6)));
-    let mut process = opts.process.clone();
-    process.memory_limit = opts.memory_mib.map(|m| i64::from(m) << 20);
-    let spec = spec::build(&process, &id, &id)?;
-    let artifacts = Artifacts::resolve(&opts.config)?;
-    let config = SandboxConfig {
+        .unwrap_or_else(|| format!("bh_{}", &id[..8]));
+    let record = ContainerRecord {
         id: id.clone(),
-        run_root: opts.config.run_root.clone(),
-        kernel: artifacts.kernel,
-        initrd: artifacts.initrd,
-        vmm: artifacts.vmm,
-        virtiofsd: artifacts.virtiofsd,
-        memory_mib: opts.memory_mib.map_or(opts.config.memory_mib, |m| {
-            m.saturating_add(GUEST_OVERHEAD_MIB)
-        }),
-        vcpus,
-        boot_timeout,
-        virtiofsd_cache: opts.config.virtiofsd_cache.as_str(),
-        debug_console: opts.config.debug_console,
+        name,
+        created: super::containers::now_millis() / 1000,
+        image,
+        image_id,
+        image_rootfs,
+        rootfs,
+        process,
+        stop_signal: base.stop_signal,
+        memory_limit: opts.memory,
+        cpus: opts.cpus,
+        volumes: opts.volumes.clone(),
+        auto_remove: opts.auto_remove,
+        interactive: opts.interactive,
+        boot_timeout_secs: opts.boot_timeout.map(|d| d.as_secs()),
     };
-    let rootfs = opts
-        .rootfs
-        .canonicalize()
-        .with_context(|| format!("resolving {}", opts.rootfs.display()))?;
-    // Until the container runs, a signal cancels the start: dropping the start
-    // future kills what it spawned and removes the sandbox directory.
-    let interrupted = first_signal();
-    let shares = [(id.as_str(), rootfs.as_path())];
-    let sandbox = tokio::select! {
-        sandbox = Sandbox::start(&config, &shares) => sandbox?,
-        number = interrupted => {
-            eprintln!("bulkhead: interrupted by signal {number} while starting the microVM");
-            return Ok(128 + number);
+    // Checked before the name is claimed, so a bad spec leaves nothing.
+    super::spec::build(&record.process, record.short_id(), record.short_id())?;
+    containers.create(&record)?;
+    if opts.detach {
+        return detach(&opts.config, &containers, &record).await;
+    }
+    monitor::supervise(&opts.config, &containers, &id, Attach::Foreground).await
+}
+
+fn validate(opts: &RunOptions) -> Result<()> {
+    if let Some(m) = opts.memory {
+        if m < u64::from(MIN_CONTAINER_MIB) << 20 {
+            bail!("--memory {m} bytes: a container needs at least {MIN_CONTAINER_MIB} MiB, e.g. --memory 64m (the microVM adds {GUEST_OVERHEAD_MIB} MiB for the guest)");
+        }
+    }
+    let vcpus = opts
+        .cpus
+        .map_or(opts.config.vcpus, |c| c.ceil().min(65535.0) as u16);
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        bail!("--cpus: a microVM has 1 to {MAX_VCPUS} vCPUs");
+    }
+    if opts.boot_timeout.is_some_and(|t| t.is_zero()) {
+        bail!("--boot-timeout 0: the microVM needs at least 1 s to come up");
+    }
+    if opts.detach && opts.interactive {
+        bail!("-d with -i: a detached container has no terminal to read from (bulkhead has no attach); drop -i, or -d");
+    }
+    if matches!(opts.source, Source::Rootfs(_)) && opts.command.is_empty() {
+        bail!("no command given: with --rootfs, CMD is required, e.g. `bulkhead run --rootfs DIR -- echo hello`");
+    }
+    Ok(())
+}
+
+/// The process: the image's defaults with the command line's choices on top,
+/// as `docker run` combines them.
+fn process_options(opts: &RunOptions, image: &ImageChoice) -> Result<ProcessOptions> {
+    let args = match &opts.entrypoint {
+        Some(e) if e.is_empty() => opts.command.clone(),
+        Some(e) => std::iter::once(e.clone())
+            .chain(opts.command.iter().cloned())
+            .collect(),
+        None => {
+            let cmd = if opts.command.is_empty() {
+                &image.cmd
+            } else {
+                &opts.command
+            };
+            image.entrypoint.iter().chain(cmd).cloned().collect()
         }
     };
-    let result = run_in(&sandbox, &id, &spec, &opts).await;
-    let mut sandbox = sandbox;
-    let console = sandbox.console_tail();
-    // A failed RPC is usually the symptom (the connection closed); when the VM
-    // itself died, its exit report is the cause.
-    let vm_report = if result.is_err() {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        sandbox.vm_exit_report()
-    } else {
-        None
-    };
-    let stopped = sandbox.stop().await;
-    let code = result.with_context(|| {
-        let cause = vm_report.map(|r| format!("{r}\n")).unwrap_or_default();
-        format!("container {id}: {cause}last guest console lines:\n{console}")
-    })?;
-    stopped.context("cleaning up the sandbox")?;
-    Ok(code)
-}
-
-async fn run_in(
-    sandbox: &Sandbox,
-    id: &str,
-    spec: &oci_spec::runtime::Spec,
-    opts: &RunOptions,
-) -> Result<i32> {
-    let conn = sandbox.connection();
-    let process = ProcessRef {
-        container_id: id.to_owned(),
-        exec_id: String::new(),
-        interactive: opts.interactive,
-        terminal: opts.process.terminal,
-    };
-    let mut create = CreateContainerRequest::new();
-    create.container_id = id.to_owned();
-    create.oci_spec_json = serde_json::to_vec(spec)?;
-    create.rootfs_path = id.to_owned();
-    create.stdio = Some(process.streams()).into();
-    create.terminal = process.terminal;
-    conn.agent()
-        .create_container(ttrpc::context::with_duration(RPC_TIMEOUT), &create)
-        .await
-        .context("creating the container")?;
-    let streams = process_io::open_streams(conn, &process).await?;
-    let mut start = StartContainerRequest::new();
-    start.container_id = id.to_owned();
-    conn.agent()
-        .start_container(ttrpc::context::with_duration(RPC_TIMEOUT), &start)
-        .await
-        .context("starting the container")?;
-    let pumps = process_io::pump(streams, &process);
-    let code = process_io::wait(conn, &process, pumps).await?;
-    report_oom(conn, id, opts.memory_mib).await;
-    let mut remove = RemoveContainerRequest::new();
-    remove.container_id = id.to_owned();
-    if let Err(e) = conn
-        .agent()
-        .remove_container(ttrpc::context::with_duration(RPC_TIMEOUT), &remove)
-        .await
-    {
-        tracing::warn!(container = id, "RemoveContainer: {e}");
+    if args.is_empty() {
+        bail!("no command: the image {} has no Entrypoint or Cmd, so give one, e.g. `bulkhead run {} sh`", image.name, image.name);
     }
-    Ok(code)
+    let user = opts.user.clone().unwrap_or_else(|| image.user.clone());
+    let ids = users::resolve(&image.rootfs, &user)?;
+    let mut env = image.env.clone();
+    env.extend(opts.env.iter().cloned());
+    let cwd = opts
+        .workdir
+        .clone()
+        .or_else(|| (!image.working_dir.is_empty()).then(|| image.working_dir.clone()));
+    Ok(ProcessOptions {
+        args,
+        env,
+        cwd,
+        user: Some(format!("{}:{}", ids.uid, ids.gid)),
+        terminal: opts.tty,
+        read_only: opts.read_only,
+        memory_limit: opts.memory.map(|m| m as i64),
+        additional_gids: ids.additional_gids,
+        cpus: opts.cpus,
+    })
 }
 
-/// Says so on stderr when the kernel's OOM killer killed a process of the container.
-async fn report_oom(conn: &AgentConnection, id: &str, limit_mib: Option<u32>) {
-    let mut req = StatsContainerRequest::new();
-    req.container_id = id.to_owned();
-    let Ok(stats) = conn
-        .agent()
-        .stats_container(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
-        .await
-    else {
-        return;
-    };
-    let kills = stats.memory.as_ref().map_or(0, |m| m.oom_kill);
-    if kills > 0 {
-        let limit = limit_mib
-            .map(|m| format!(" (memory limit {m} MiB)"))
-            .unwrap_or_default();
-        eprintln!("bulkhead: container {id}: {kills} process(es) killed by the out-of-memory killer{limit}");
+/// Starts the container's monitor in its own session and returns once the
+/// container runs (printing its id, like `docker run -d`) or failed to start.
+async fn detach(config: &Config, containers: &Containers, record: &ContainerRecord) -> Result<i32> {
+    let log = std::fs::File::create(containers.dir(&record.id).join("monitor.log"))
+        .context("creating the monitor's log")?;
+    let exe = std::env::current_exe().context("finding the bulkhead binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__monitor").arg(&record.id);
+    if let Some(file) = config.file() {
+        cmd.env(crate::config::CONFIG_ENV, &file.path);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of ours; it
+    // runs in the child between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().context("starting the container's monitor")?;
+    let timeout = record
+        .boot_timeout_secs
+        .map_or(config.boot_timeout(), Duration::from_secs)
+        + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let state = containers.state(&record.id)?;
+        match state.status {
+            Status::Running => {
+                println!("{}", record.id);
+                return Ok(0);
+            }
+            Status::Exited => {
+                if let Some(error) = state.error {
+                    if record.auto_remove {
+                        let _ = containers.remove(&record.id);
+                    }
+                    bail!("{error}");
+                }
+                // It ran and already ended: still a successful start.
+                println!("{}", record.id);
+                return Ok(0);
+            }
+            Status::Created => {}
+        }
+        if let Some(status) = child.try_wait()? {
+            if !matches!(containers.state(&record.id)?.status, Status::Created) {
+                continue;
+            }
+            let log = std::fs::read_to_string(containers.dir(&record.id).join("monitor.log"))
+                .unwrap_or_default();
+            let _ = containers.remove(&record.id);
+            bail!("the container's monitor ended ({status}) before the container started:\n{log}");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = containers.remove(&record.id);
+            bail!("container {} did not start within {timeout:?}", record.name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The first of SIGINT, SIGTERM or SIGHUP. The handlers are installed here,
 /// before the returned future is first polled (registering them also stops
 /// them from killing the CLI outright, which would leave the VM behind).
-fn first_signal() -> impl std::future::Future<Output = i32> {
+pub fn first_signal() -> impl std::future::Future<Output = i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let handlers = (
         signal(SignalKind::interrupt()),

@@ -3,12 +3,12 @@
 
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 
 /// What the command line says about the container's process.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessOptions {
     /// argv.
     pub args: Vec<String>,
@@ -24,7 +24,16 @@ pub struct ProcessOptions {
     pub read_only: bool,
     /// Memory limit in bytes.
     pub memory_limit: Option<i64>,
+    /// Supplementary groups (from the image's /etc/group for `--user NAME`).
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+    /// CPU limit in CPUs (`--cpus 1.5`): a CFS quota over a 100 ms period.
+    #[serde(default)]
+    pub cpus: Option<f64>,
 }
+
+/// The CFS period `--cpus` quotas are expressed over, as in Docker.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// The default PATH, as Docker and runc set it.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -60,7 +69,13 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
         .args(opts.args.clone())
         .env(env)
         .cwd(cwd)
-        .user(UserBuilder::default().uid(uid).gid(gid).build()?)
+        .user({
+            let mut user = UserBuilder::default().uid(uid).gid(gid);
+            if !opts.additional_gids.is_empty() {
+                user = user.additional_gids(opts.additional_gids.clone());
+            }
+            user.build()?
+        })
         .capabilities(defaults.capabilities().clone().unwrap_or_default())
         .rlimits(defaults.rlimits().clone().unwrap_or_default())
         .no_new_privileges(true)
@@ -78,14 +93,25 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
         .linux()
         .clone()
         .unwrap_or_else(|| LinuxBuilder::default().build().unwrap_or_default());
+    let mut resources = LinuxResourcesBuilder::default();
     if let Some(limit) = opts.memory_limit {
         let memory = LinuxMemoryBuilder::default()
             .limit(limit)
             .swap(limit)
             .build()?;
-        linux.set_resources(Some(
-            LinuxResourcesBuilder::default().memory(memory).build()?,
-        ));
+        resources = resources.memory(memory);
+    }
+    if let Some(cpus) = opts.cpus {
+        let quota = (cpus * CPU_PERIOD_US as f64).round() as i64;
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota.max(1000))
+                .period(CPU_PERIOD_US)
+                .build()?,
+        );
+    }
+    if opts.memory_limit.is_some() || opts.cpus.is_some() {
+        linux.set_resources(Some(resources.build()?));
     }
     spec.set_linux(Some(linux));
     Ok(spec)

@@ -35,18 +35,46 @@ pub fn main(name: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
         println!(
             "e2e {name}: running inside the emulated KVM host (QEMU TCG, AMD SVM, nested KVM)"
         );
-        return libtest_mimic::run(&args, trials()).exit_code();
+        return with_own_state_root(|| libtest_mimic::run(&args, trials()).exit_code());
     }
     match kvm::detect() {
         KvmKind::Hardware => {
             println!("e2e {name}: running directly on this machine's /dev/kvm (hardware KVM)");
-            libtest_mimic::run(&args, trials()).exit_code()
+            with_own_state_root(|| libtest_mimic::run(&args, trials()).exit_code())
         }
         other => {
             println!("e2e {name}: this machine has {other}; booting the emulated KVM host to run the tests inside it");
             relaunch_in_emulated_host()
         }
     }
+}
+
+/// Runs `f` with `$BULKHEAD_ROOT` (the CLI's images and containers) set to a
+/// fresh directory under /run, removed afterwards: the tests never touch the
+/// host's /var/lib/bulkhead, and /run is a tmpfs, which (unlike the emulated
+/// host's overlay root) can hold a container's writable overlay layer.
+fn with_own_state_root(f: impl FnOnce() -> ExitCode) -> ExitCode {
+    let dir = match tempfile::Builder::new()
+        .prefix("bulkhead-e2e-")
+        .tempdir_in("/run")
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("e2e: cannot make a state root under /run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::env::set_var("BULKHEAD_ROOT", dir.path());
+    let code = f();
+    // Image rootfs directories hold read-only files and dirs: make them
+    // removable first.
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(dir.path())
+        .status();
+    drop(dir);
+    code
 }
 
 fn relaunch_in_emulated_host() -> ExitCode {

@@ -15,10 +15,10 @@ use crate::{guest, place, workspace};
 const THROUGHPUT_BYTES: u64 = 256 << 20;
 const DEADLINE: Duration = Duration::from_secs(300);
 
-struct Inputs {
-    cli: PathBuf,
-    rootfs: PathBuf,
-    bundle: PathBuf,
+pub(super) struct Inputs {
+    pub(super) cli: PathBuf,
+    pub(super) rootfs: PathBuf,
+    pub(super) bundle: PathBuf,
 }
 
 /// Builds everything outside the emulated host, then measures where KVM runs.
@@ -43,7 +43,7 @@ pub fn run(runs: usize) -> Result<()> {
 }
 
 /// `runc spec`'s default config, non-interactive, rooted at `rootfs`.
-fn make_runc_bundle(bundle: &Path, rootfs: &Path) -> Result<()> {
+pub(super) fn make_runc_bundle(bundle: &Path, rootfs: &Path) -> Result<()> {
     std::fs::create_dir_all(bundle)?;
     let _ = std::fs::remove_file(bundle.join("config.json"));
     let status = Command::new("runc")
@@ -61,11 +61,12 @@ fn make_runc_bundle(bundle: &Path, rootfs: &Path) -> Result<()> {
 }
 
 /// The command that runs `args` in a container with `runtime`.
-fn command(runtime: &str, inputs: &Inputs, id: &str, args: &[&str]) -> Command {
+pub(super) fn command(runtime: &str, inputs: &Inputs, id: &str, args: &[&str]) -> Command {
     match runtime {
         "bulkhead" => {
             let mut c = Command::new(&inputs.cli);
             c.arg("run")
+                .arg("--rm")
                 .arg("--rootfs")
                 .arg(&inputs.rootfs)
                 .arg("--")
@@ -99,7 +100,7 @@ fn write_runc_config(base: &Path, bundle: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// Runs a container, returns (time to first stdout byte, total bytes, total time).
-fn time_run(mut cmd: Command) -> Result<(Duration, u64, Duration)> {
+pub(super) fn time_run(mut cmd: Command) -> Result<(Duration, u64, Duration)> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

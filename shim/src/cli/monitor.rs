@@ -1,0 +1,338 @@
+//! The process that holds one container's sandbox for its whole life: it
+//! starts the microVM, mounts the rootfs and volumes into its share, creates
+//! and starts the container, copies its output into the log (and to the
+//! terminal when in the foreground), waits for it, records the exit status,
+//! and tears everything down.
+//!
+//! A foreground `bulkhead run` is its own monitor. `bulkhead run -d` starts
+//! `bulkhead __monitor ID` in a new session, so the container outlives the CLI;
+//! other commands find it through the container's state file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use bulkhead_protocol::agent::{
+    CreateContainerRequest, RemoveContainerRequest, StartContainerRequest, StatsContainerRequest,
+};
+use bulkhead_protocol::ttrpc;
+use nix::mount::{mount, MsFlags};
+use oci_spec::runtime::{Mount, MountBuilder, Spec};
+
+use super::artifacts::Artifacts;
+use super::container_log::LogWriter;
+use super::containers::{
+    now_millis, this_monitor, ContainerRecord, ContainerState, Containers, Status,
+};
+use super::process_io::{self, OutputSinks, ProcessRef};
+use super::spec;
+use crate::config::{Config, GUEST_OVERHEAD_MIB};
+use crate::sandbox::{
+    guest_share_path, AgentConnection, Sandbox, SandboxConfig, SandboxError, RPC_TIMEOUT,
+};
+
+/// How the monitor's container is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// Output to our terminal too, stdin if `-i`, signals forwarded.
+    Foreground,
+    /// Output only to the log.
+    Detached,
+}
+
+/// Runs container `id` to its end and returns its exit code. Its state file
+/// says `running` once it runs, and `exited` (with the code or the error)
+/// when it ends, whatever happened.
+pub async fn supervise(
+    config: &Config,
+    containers: &Containers,
+    id: &str,
+    attach: Attach,
+) -> Result<i32> {
+    let record = containers.record(id)?;
+    let mut state = ContainerState {
+        monitor: this_monitor(),
+        ..Default::default()
+    };
+    containers.set_state(id, &state)?;
+    let outcome = start_and_wait(config, containers, &record, &mut state, attach).await;
+    state.status = Status::Exited;
+    state.finished_at = Some(now_millis());
+    match &outcome {
+        Ok(code) => state.exit_code = Some(*code),
+        Err(e) => {
+            state.error = Some(format!("{e:#}"));
+            state.exit_code = Some(125);
+        }
+    }
+    containers.set_state(id, &state)?;
+    if record.auto_remove {
+        containers
+            .remove(id)
+            .with_context(|| format!("removing container {} (--rm)", record.name))?;
+    }
+    outcome
+}
+
+async fn start_and_wait(
+    config: &Config,
+    containers: &Containers,
+    record: &ContainerRecord,
+    state: &mut ContainerState,
+    attach: Attach,
+) -> Result<i32> {
+    let sid = record.short_id().to_owned();
+    let dir = containers.dir(&record.id);
+    let artifacts = Artifacts::resolve(config)?;
+    let memory_mib = record.memory_limit.map_or(config.memory_mib, |bytes| {
+        ((bytes >> 20) as u32).saturating_add(GUEST_OVERHEAD_MIB)
+    });
+    let vcpus = record.cpus.map_or(config.vcpus, |c| {
+        c.ceil().clamp(1.0, f64::from(crate::config::MAX_VCPUS)) as u16
+    });
+    let sandbox_config = SandboxConfig {
+        id: sid.clone(),
+        run_root: config.run_root.clone(),
+        kernel: artifacts.kernel,
+        initrd: artifacts.initrd,
+        vmm: artifacts.vmm,
+        virtiofsd: artifacts.virtiofsd,
+        memory_mib,
+        vcpus,
+        boot_timeout: record
+            .boot_timeout_secs
+            .map_or(config.boot_timeout(), std::time::Duration::from_secs),
+        virtiofsd_cache: config.virtiofsd_cache.as_str(),
+        debug_console: config.debug_console,
+    };
+    let mut spec = spec::build(&record.process, &sid, &sid)?;
+    // Until the container runs, a signal cancels the start: dropping the start
+    // future kills what it spawned and removes the sandbox directory.
+    let interrupted = super::run::first_signal();
+    let mut sandbox = tokio::select! {
+        sandbox = Sandbox::start(&sandbox_config, &[]) => sandbox
+            .with_context(|| format!("starting the microVM of container {}", record.name))?,
+        number = interrupted => {
+            let why = format!("interrupted by signal {number} while starting the microVM");
+            eprintln!("bulkhead: {why}");
+            state.error = Some(why);
+            return Ok(128 + number);
+        }
+    };
+    let result = async {
+        share_rootfs(&mut sandbox, record, &dir, &sid)?;
+        add_volumes(&mut sandbox, &mut spec, record, &sid)?;
+        // A foreground `--rm` container's log could only be read while it
+        // runs, from another shell; not writing it keeps its output as fast
+        // as the terminal takes it.
+        let log = if attach == Attach::Foreground && record.auto_remove {
+            None
+        } else {
+            Some(
+                LogWriter::open(&dir.join("log"))
+                    .with_context(|| format!("opening {}", dir.join("log").display()))?,
+            )
+        };
+        let sinks = OutputSinks {
+            terminal: attach == Attach::Foreground,
+            log,
+        };
+        run_container(
+            &sandbox, record, &sid, &spec, &sinks, containers, state, attach,
+        )
+        .await
+    }
+    .await;
+    let console = sandbox.console_tail();
+    // A failed RPC is usually the symptom (the connection closed); when the VM
+    // itself died, its exit report is the cause.
+    let vm_report = if result.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sandbox.vm_exit_report()
+    } else {
+        None
+    };
+    let stopped = sandbox.stop().await;
+    let code = result.with_context(|| {
+        let cause = vm_report.map(|r| format!("{r}\n")).unwrap_or_default();
+        format!(
+            "container {}: {cause}last guest console lines:\n{console}",
+            record.name
+        )
+    })?;
+    stopped.context("cleaning up the sandbox")?;
+    Ok(code)
+}
+
+/// The rootfs into the share under the sandbox id: an image's as an overlay
+/// (the image's unpacked rootfs read-only below, the container's own
+/// `upper` above), a `--rootfs` directory as a bind mount.
+fn share_rootfs(
+    sandbox: &mut Sandbox,
+    record: &ContainerRecord,
+    dir: &Path,
+    sid: &str,
+) -> Result<()> {
+    if let Some(rootfs) = &record.rootfs {
+        sandbox.bind_into_share(rootfs, sid)?;
+        return Ok(());
+    }
+    let lower = record
+        .image_rootfs
+        .as_ref()
+        .context("the container record names neither an image nor a rootfs")?;
+    // overlayfs refuses an upper layer on overlayfs, with only EINVAL to say so.
+    if nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC)
+    {
+        anyhow::bail!(
+            "the container directory {} is on overlayfs, which cannot hold a container's writable layer: \
+             set state_root in the config (or $BULKHEAD_ROOT) to a directory on ext4, xfs, btrfs or tmpfs",
+            dir.display()
+        );
+    }
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    sandbox.mount_into_share(sid, |target| {
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| {
+            SandboxError::Agent(format!(
+                "cannot mount the overlay rootfs of {} ({options}) at {}: {e}",
+                record.name,
+                target.display()
+            ))
+        })
+    })?;
+    Ok(())
+}
+
+/// Each `-v` into the share (`<sid>-v<N>`), and into the spec as a bind mount
+/// of that share path. A read-only volume is read-only twice: in the guest's
+/// mount, and on the host's bind, so not even the guest's virtio-fs server
+/// can write there.
+fn add_volumes(
+    sandbox: &mut Sandbox,
+    spec: &mut Spec,
+    record: &ContainerRecord,
+    sid: &str,
+) -> Result<()> {
+    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    for (n, volume) in record.volumes.iter().enumerate() {
+        let name = format!("{sid}-v{n}");
+        if !volume.host.exists() {
+            // Docker creates a missing host directory.
+            std::fs::create_dir_all(&volume.host).with_context(|| {
+                format!("-v: creating the host directory {}", volume.host.display())
+            })?;
+        }
+        let target = sandbox.bind_into_share(&volume.host, &name)?;
+        if volume.read_only {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>).with_context(|| {
+                format!("making the volume {} read-only", volume.host.display())
+            })?;
+        }
+        let mut options = vec!["rbind".to_owned(), "rprivate".to_owned()];
+        options.push(if volume.read_only { "ro" } else { "rw" }.to_owned());
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(&volume.container))
+                .typ("bind")
+                .source(guest_share_path(&name))
+                .options(options)
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_container(
+    sandbox: &Sandbox,
+    record: &ContainerRecord,
+    sid: &str,
+    spec: &Spec,
+    sinks: &OutputSinks,
+    containers: &Containers,
+    state: &mut ContainerState,
+    attach: Attach,
+) -> Result<i32> {
+    let conn = sandbox.connection();
+    let process = ProcessRef {
+        container_id: sid.to_owned(),
+        exec_id: String::new(),
+        interactive: record.interactive && attach == Attach::Foreground,
+        terminal: record.process.terminal,
+    };
+    let mut create = CreateContainerRequest::new();
+    create.container_id = sid.to_owned();
+    create.oci_spec_json = serde_json::to_vec(spec)?;
+    create.rootfs_path = sid.to_owned();
+    create.stdio = Some(process.streams()).into();
+    create.terminal = process.terminal;
+    conn.agent()
+        .create_container(ttrpc::context::with_duration(RPC_TIMEOUT), &create)
+        .await
+        .context("creating the container")?;
+    let streams = process_io::open_streams(conn, &process).await?;
+    let mut start = StartContainerRequest::new();
+    start.container_id = sid.to_owned();
+    conn.agent()
+        .start_container(ttrpc::context::with_duration(RPC_TIMEOUT), &start)
+        .await
+        .context("starting the container")?;
+    state.status = Status::Running;
+    state.started_at = Some(now_millis());
+    containers.set_state(&record.id, state)?;
+    let pumps = process_io::pump(streams, &process, sinks);
+    let code = process_io::wait(conn, &process, pumps).await?;
+    state.oom_killed = oom_killed(conn, sid).await;
+    if state.oom_killed && attach == Attach::Foreground {
+        let limit = record
+            .memory_limit
+            .map(|m| format!(" (memory limit {} MiB)", m >> 20))
+            .unwrap_or_default();
+        eprintln!(
+            "bulkhead: container {}: a process was killed by the out-of-memory killer{limit}",
+            record.name
+        );
+    }
+    let mut remove = RemoveContainerRequest::new();
+    remove.container_id = sid.to_owned();
+    if let Err(e) = conn
+        .agent()
+        .remove_container(ttrpc::context::with_duration(RPC_TIMEOUT), &remove)
+        .await
+    {
+        tracing::warn!(container = sid, "RemoveContainer: {e}");
+    }
+    Ok(code)
+}
+
+/// Whether the kernel's OOM killer killed a process of the container.
+async fn oom_killed(conn: &AgentConnection, sid: &str) -> bool {
+    let mut req = StatsContainerRequest::new();
+    req.container_id = sid.to_owned();
+    match conn
+        .agent()
+        .stats_container(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+        .await
+    {
+        Ok(stats) => stats.memory.as_ref().is_some_and(|m| m.oom_kill > 0),
+        Err(_) => false,
+    }
+}
