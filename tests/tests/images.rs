@@ -225,6 +225,9 @@ fn pull_then_run_uses_the_image_config() -> Result<(), Failed> {
 }
 
 fn docker_flags_env_workdir_user_entrypoint() -> Result<(), Failed> {
+    // `-e NAME` takes the value from the CLI's environment (tests run one at a time).
+    std::env::set_var("BULKHEAD_E2E_FROM_HOST", "from-host");
+    std::env::remove_var("BULKHEAD_E2E_UNSET_HERE");
     let image = busybox_image("docker.io/library/busybox:flags", &ImageConfig::default())?;
     expect(&["load", "-i", &image.archive.path.to_string_lossy()], 0)?;
     let env_file = tempfile::NamedTempFile::new()?;
@@ -237,6 +240,10 @@ fn docker_flags_env_workdir_user_entrypoint() -> Result<(), Failed> {
             "BOTH=flag",
             "--env-file",
             &env_file.path().to_string_lossy(),
+            "-e",
+            "BULKHEAD_E2E_FROM_HOST",
+            "-e",
+            "BULKHEAD_E2E_UNSET_HERE",
             "-w",
             "/tmp/new",
             "-u",
@@ -244,11 +251,11 @@ fn docker_flags_env_workdir_user_entrypoint() -> Result<(), Failed> {
             "busybox:flags",
             "sh",
             "-c",
-            "echo $FROM_FILE $BOTH $(pwd) $(id -u):$(id -g) $(id -G)",
+            "echo $FROM_FILE $BOTH $(pwd) $(id -u):$(id -g) $(id -G) $HOME $BULKHEAD_E2E_FROM_HOST ${BULKHEAD_E2E_UNSET_HERE-unset}",
         ],
         0,
     )?;
-    if out.stdout.trim() != "1 flag /tmp/new 65534:65534 65534 10" {
+    if out.stdout.trim() != "1 flag /tmp/new 65534:65534 65534 10 /nonexistent from-host unset" {
         return Err(format!("-e/--env-file/-w/-u: {:?} {:?}", out.stdout, out.stderr).into());
     }
     let out = expect(
@@ -388,6 +395,13 @@ fn detached_logs_exec_stop_rm() -> Result<(), Failed> {
         return Err(format!("inspect: {}", inspect.stdout).into());
     }
     nothing_left()?;
+    // Its image is its rootfs's lower layer: rmi is refused while it exists.
+    let used = expect(&["rmi", "busybox:detach"], 125)?;
+    contains(
+        &used,
+        "rmi of a used image",
+        "is used by stopped container web",
+    )?;
     expect(&["rm", "web"], 0)?;
     if expect(&["ps", "-a", "-q"], 0)?.stdout.contains(&id[..12]) {
         return Err("rm left it in ps -a".into());

@@ -371,7 +371,14 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
     for file in &args.env_file {
         env.extend(read_env_file(file)?);
     }
-    env.extend(args.env);
+    // `-e NAME` takes NAME's value from here, or is left out, as in Docker.
+    env.extend(args.env.into_iter().filter_map(|kv| {
+        if kv.contains('=') {
+            Some(kv)
+        } else {
+            std::env::var(&kv).ok().map(|v| format!("{kv}={v}"))
+        }
+    }));
     Ok(RunOptions {
         source,
         command: positional.collect(),

@@ -16,6 +16,7 @@
 //! two concurrent `run --name x` cannot both get it.
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -239,10 +240,25 @@ impl Containers {
         }
         let made = (|| {
             let dir = self.dir(&record.id);
-            create_private_dir(&dir)?;
+            // Not recursive: an id that somehow exists already is an error,
+            // never a record overwritten.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|source| ContainerError::Io {
+                    what: "cannot create",
+                    path: dir.clone(),
+                    source,
+                })?;
             write_json(&dir.join("record.json"), record)?;
             write_json(&dir.join("state.json"), &ContainerState::default())
         })();
+        if let Err(ContainerError::Io { source, .. }) = &made {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                let _ = std::fs::remove_file(&link);
+                return made;
+            }
+        }
         if made.is_err() {
             let _ = std::fs::remove_dir_all(self.dir(&record.id));
             let _ = std::fs::remove_file(&link);
@@ -339,7 +355,6 @@ fn validate_name(name: &str) -> Result<()> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -9,7 +9,7 @@ use bulkhead_image::{
     familiar, normalize, ImageRecord, LoadOptions, PullOptions, Store, StoreError,
 };
 
-use super::containers::Containers;
+use super::containers::{Containers, Status};
 use crate::config::Config;
 
 /// The store of this host's images.
@@ -186,19 +186,30 @@ pub fn remove(config: &Config, references: &[String], force: bool) -> Result<()>
     for reference in references {
         let result = (|| -> Result<()> {
             let image = store.get(reference)?;
-            if !force {
+            // Removing by name only untags while other names remain; by id,
+            // or the last name, deletes the rootfs containers stand on.
+            let by_name = normalize(reference).is_ok_and(|n| image.names.contains(&n));
+            let deletes = !by_name || image.names.len() <= 1;
+            if deletes {
                 for id in containers.ids()? {
                     let Ok(record) = containers.record(&id) else {
                         continue;
                     };
-                    if record.image_id.as_deref() == Some(image.id.as_str())
-                        && image.names.len() <= 1
-                    {
+                    if record.image_id.as_deref() != Some(image.id.as_str()) {
+                        continue;
+                    }
+                    let running = containers
+                        .state(&id)
+                        .is_ok_and(|s| s.effective_status() != Status::Exited);
+                    if running || !force {
                         bail!(
-                            "image {reference} is used by container {} ({}): remove it first (`bulkhead rm {}`), or use rmi -f",
+                            "image {reference} is used by {} container {} ({}): remove it first (`bulkhead rm{} {}`){}",
+                            if running { "running" } else { "stopped" },
                             record.name,
                             record.short_id(),
-                            record.name
+                            if running { " -f" } else { "" },
+                            record.name,
+                            if running { "" } else { ", or use rmi -f" }
                         );
                     }
                 }

@@ -200,45 +200,54 @@ async fn stop_record(
     grace: Duration,
 ) -> Result<()> {
     let id = &record.id;
-    if c.state(id)?.effective_status() == Status::Running {
-        if let Err(e) = signal(config, record, record.stop_signal).await {
-            tracing::warn!("{e:#}");
-        }
-        if !wait_monitor_gone(c, id, grace).await {
-            if let Err(e) = signal(config, record, libc::SIGKILL).await {
+    let state = c.state(id)?;
+    match state.effective_status() {
+        Status::Running => {
+            if let Err(e) = signal(config, record, record.stop_signal).await {
                 tracing::warn!("{e:#}");
             }
+            if !wait_monitor_gone(c, id, grace).await {
+                if let Err(e) = signal(config, record, libc::SIGKILL).await {
+                    tracing::warn!("{e:#}");
+                }
+            }
         }
+        // Still booting: SIGTERM to its monitor cancels the start, which
+        // tears down what it had made.
+        Status::Created => signal_monitor(&state, nix::sys::signal::Signal::SIGTERM),
+        Status::Exited => {}
     }
     if !wait_monitor_gone(c, id, TEARDOWN_PATIENCE).await {
         // The monitor does not respond: end it, then do its cleanup.
-        if let Some((pid, _)) = c
-            .state(id)?
-            .monitor
-            .filter(|_| c.state(id).is_ok_and(|s| s.monitor_alive()))
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if let Ok(state) = c.state(id) {
+            signal_monitor(&state, nix::sys::signal::Signal::SIGKILL);
         }
         wait_monitor_gone(c, id, Duration::from_secs(2)).await;
     }
     // A monitor that died (killed, crashed) left its sandbox and state behind.
-    let mut state = c.state(id)?;
-    if state.status != Status::Exited {
-        state.status = Status::Exited;
-        state.finished_at = Some(now_millis());
-        state.exit_code.get_or_insert(137);
-        state
-            .error
-            .get_or_insert_with(|| "its monitor process died".to_owned());
-        c.set_state(id, &state)?;
+    if let Ok(mut state) = c.state(id) {
+        if state.status != Status::Exited {
+            state.status = Status::Exited;
+            state.finished_at = Some(now_millis());
+            state.exit_code.get_or_insert(137);
+            state
+                .error
+                .get_or_insert_with(|| "its monitor process died".to_owned());
+            c.set_state(id, &state)?;
+        }
     }
+    // (No state: a `--rm` container its monitor removed once it exited.)
     force_remove(&config.run_root, record.short_id())
         .with_context(|| format!("removing the sandbox of container {}", record.name))?;
     unmount_leftovers(c, id);
     Ok(())
+}
+
+/// Sends `signal` to the container's monitor process, if it is alive.
+fn signal_monitor(state: &ContainerState, signal: nix::sys::signal::Signal) {
+    if let Some((pid, _)) = state.monitor.filter(|_| state.monitor_alive()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    }
 }
 
 /// Waits until the container's monitor process has ended (or `patience`
@@ -277,6 +286,13 @@ pub async fn rm(config: &Config, names: &[String], force: bool) -> Result<()> {
             let id = c.lookup(name)?;
             let record = c.record(&id)?;
             let status = c.state(&id)?.effective_status();
+            if status == Status::Created && !force {
+                bail!(
+                    "container {} is starting: stop it (`bulkhead stop {}`), or use rm -f",
+                    record.name,
+                    record.name
+                );
+            }
             if status == Status::Running && !force {
                 bail!(
                     "container {} is running: stop it first (`bulkhead stop {}`), or use rm -f",
@@ -284,7 +300,7 @@ pub async fn rm(config: &Config, names: &[String], force: bool) -> Result<()> {
                     record.name
                 );
             }
-            if status != Status::Exited || c.state(&id)?.monitor_alive() {
+            if status != Status::Exited || c.state(&id).is_ok_and(|s| s.monitor_alive()) {
                 stop_record(config, &c, &record, Duration::ZERO).await?;
             } else {
                 force_remove(&config.run_root, record.short_id())?;

@@ -240,10 +240,18 @@ fn add_volumes(
         }
         let target = sandbox.bind_into_share(&volume.host, &name)?;
         if volume.read_only {
+            // The bind is recursive: every mount in it becomes read-only,
+            // not just the top one.
             let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>).with_context(|| {
-                format!("making the volume {} read-only", volume.host.display())
-            })?;
+            for m in crate::sandbox::mounts_under(&target) {
+                mount(None::<&str>, &m, None::<&str>, flags, None::<&str>).with_context(|| {
+                    format!(
+                        "making {} (of the volume {}) read-only",
+                        m.display(),
+                        volume.host.display()
+                    )
+                })?;
+            }
         }
         let mut options = vec!["rbind".to_owned(), "rprivate".to_owned()];
         options.push(if volume.read_only { "ro" } else { "rw" }.to_owned());

@@ -177,7 +177,10 @@ fn process_options(opts: &RunOptions, image: &ImageChoice) -> Result<ProcessOpti
     }
     let user = opts.user.clone().unwrap_or_else(|| image.user.clone());
     let ids = users::resolve(&image.rootfs, &user)?;
-    let mut env = image.env.clone();
+    // HOME from the user's passwd entry, as Docker sets it, unless the image
+    // or the command line does.
+    let mut env = vec![format!("HOME={}", ids.home)];
+    env.extend(image.env.iter().cloned());
     env.extend(opts.env.iter().cloned());
     let cwd = opts
         .workdir
@@ -210,13 +213,13 @@ async fn detach(config: &Config, containers: &Containers, record: &ContainerReco
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log);
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory of ours; it
-    // runs in the child between fork and exec.
+    // SAFETY: setsid(2) and chdir(2) are async-signal-safe and touch no memory
+    // of ours; they run in the child between fork and exec. The monitor leaves
+    // the CLI's directory so it keeps no file system busy.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::unistd::chdir("/").map_err(std::io::Error::from)
         });
     }
     let mut child = cmd.spawn().context("starting the container's monitor")?;
@@ -225,8 +228,21 @@ async fn detach(config: &Config, containers: &Containers, record: &ContainerReco
         .map_or(config.boot_timeout(), Duration::from_secs)
         + Duration::from_secs(30);
     let deadline = std::time::Instant::now() + timeout;
+    // Whatever the monitor started goes with the record: the sandbox too.
+    let abandon = |containers: &Containers| {
+        let _ = crate::sandbox::force_remove(&config.run_root, record.short_id());
+        let _ = containers.remove(&record.id);
+    };
     loop {
-        let state = containers.state(&record.id)?;
+        let state = match containers.state(&record.id) {
+            Ok(state) => state,
+            // `--rm` and already over: its monitor removed it.
+            Err(_) if record.auto_remove && !containers.dir(&record.id).exists() => {
+                println!("{}", record.id);
+                return Ok(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
         match state.status {
             Status::Running => {
                 println!("{}", record.id);
@@ -251,13 +267,13 @@ async fn detach(config: &Config, containers: &Containers, record: &ContainerReco
             }
             let log = std::fs::read_to_string(containers.dir(&record.id).join("monitor.log"))
                 .unwrap_or_default();
-            let _ = containers.remove(&record.id);
+            abandon(containers);
             bail!("the container's monitor ended ({status}) before the container started:\n{log}");
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = containers.remove(&record.id);
+            abandon(containers);
             bail!("container {} did not start within {timeout:?}", record.name);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -286,11 +302,25 @@ pub fn first_signal() -> impl std::future::Future<Output = i32> {
     }
 }
 
-/// `n` random bytes as hex, for ids.
+/// `n` random bytes as hex, for ids: from getrandom(2), which blocks only
+/// until the kernel's pool is initialised.
 pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    let mut filled = 0;
+    while filled < n {
+        // SAFETY: getrandom(2) writes at most `n - filled` bytes into the
+        // buffer's tail, which we own and which is that long.
+        let got = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        if got > 0 {
+            filled += got as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Never seen on Linux >= 3.17; the pid and time still differ per run.
+            let fallback = format!("{}{:?}", std::process::id(), std::time::SystemTime::now());
+            for (i, b) in fallback.bytes().enumerate() {
+                bytes[i % n] ^= b;
+            }
+            break;
+        }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -2,13 +2,20 @@
 //! container's own `/etc/passwd` and `/etc/group`, read on the host from the
 //! rootfs before the container starts.
 //!
-//! The rootfs comes from an image, so it is untrusted: a `/etc/passwd` that is
-//! a symlink (which would be followed on the host, outside the rootfs) is
-//! refused rather than read.
+//! The rootfs comes from an image, or is a running container's (`exec -u`),
+//! so it is untrusted: the files are opened with `openat2(RESOLVE_IN_ROOT)`
+//! (symlinks resolve inside the rootfs, never to the host's files),
+//! non-blocking (a FIFO there cannot hang us), must be regular files, and are
+//! read up to a bound.
 
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+
+/// The most of /etc/passwd or /etc/group we read.
+const MAX_ETC_FILE: u64 = 4 << 20;
 
 /// The ids a process runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +26,8 @@ pub struct Ids {
     pub gid: u32,
     /// Supplementary groups the user is a member of in /etc/group.
     pub additional_gids: Vec<u32>,
+    /// The home directory from /etc/passwd (`/` when there is none), for `HOME`.
+    pub home: String,
 }
 
 /// Resolves `user` (`""` for root, `NAME`, `UID`, `NAME:GROUP`, `UID:GID`...)
@@ -32,25 +41,26 @@ pub fn resolve(rootfs: &Path, user: &str) -> Result<Ids> {
     let entry = |name_or_id: &str| {
         passwd.lines().find_map(|line| {
             let f: Vec<&str> = line.split(':').collect();
-            (f.len() >= 4 && (f[0] == name_or_id || f[2] == name_or_id))
-                .then(|| (f[0].to_owned(), f[2], f[3]))
+            (f.len() >= 4 && (f[0] == name_or_id || f[2] == name_or_id)).then(|| {
+                let home = f.get(5).filter(|h| !h.is_empty()).unwrap_or(&"/");
+                (f[0].to_owned(), f[2], f[3], home.to_string())
+            })
         })
     };
-    let (name, uid, mut gid) = if u.is_empty() {
-        ("root".to_owned(), 0, 0)
-    } else if let Ok(uid) = u.parse::<u32>() {
-        match entry(u) {
-            Some((name, _, gid)) => (name, uid, gid.parse().unwrap_or(0)),
-            None => (String::new(), uid, 0),
+    let lookup = if u.is_empty() { "0" } else { u };
+    let (name, uid, mut gid, home) = if let Ok(uid) = lookup.parse::<u32>() {
+        match entry(lookup) {
+            Some((name, _, gid, home)) => (name, uid, gid.parse().unwrap_or(0), home),
+            None => (String::new(), uid, 0, "/".to_owned()),
         }
     } else {
-        let Some((name, uid, gid)) = entry(u) else {
-            bail!("--user {user:?}: no user {u:?} in the container's /etc/passwd (use a numeric UID, or one of its users)");
+        let Some((name, uid, gid, home)) = entry(u) else {
+            bail!("user {user:?}: no user {u:?} in the container's /etc/passwd (use a numeric UID, or one of its users)");
         };
         let uid = uid
             .parse()
             .with_context(|| format!("the container's /etc/passwd has a bad uid for {u:?}"))?;
-        (name, uid, gid.parse().unwrap_or(0))
+        (name, uid, gid.parse().unwrap_or(0), home)
     };
     let groups = read_etc(rootfs, "group")?;
     if let Some(g) = g.filter(|g| !g.is_empty()) {
@@ -65,7 +75,7 @@ pub fn resolve(rootfs: &Path, user: &str) -> Result<Ids> {
                         .flatten()
                 })
                 .with_context(|| {
-                    format!("--user {user:?}: no group {g:?} in the container's /etc/group")
+                    format!("user {user:?}: no group {g:?} in the container's /etc/group")
                 })?,
         };
     }
@@ -86,24 +96,35 @@ pub fn resolve(rootfs: &Path, user: &str) -> Result<Ids> {
         uid,
         gid,
         additional_gids,
+        home,
     })
 }
 
-/// The rootfs's `/etc/<name>`, or "" when there is none. Refuses symlinks
-/// (at `etc` or the file), which could point at the host's files.
+/// The rootfs's `/etc/<name>`, or "" when there is none (or it is not a
+/// regular file, as Docker ignores an unusable one).
 fn read_etc(rootfs: &Path, name: &str) -> Result<String> {
-    for p in [rootfs.join("etc"), rootfs.join("etc").join(name)] {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                bail!("the container's /etc/{name} is reached through a symlink; use a numeric --user")
-            }
-            Ok(_) => {}
-            Err(_) => return Ok(String::new()),
+    let root = match std::fs::File::open(rootfs) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the rootfs {}", rootfs.display()))
         }
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    let fd = match openat2(&root, format!("etc/{name}").as_str(), how) {
+        Ok(fd) => fd,
+        Err(_) => return Ok(String::new()),
+    };
+    let file = std::fs::File::from(fd);
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(String::new());
     }
-    let path = rootfs.join("etc").join(name);
-    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(String::from_utf8_lossy(&text).into_owned())
+    let mut bytes = Vec::new();
+    file.take(MAX_ETC_FILE)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the container's /etc/{name}"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[cfg(test)]
@@ -130,30 +151,20 @@ mod tests {
     fn names_and_numbers_resolve_like_docker() {
         let r = rootfs();
         let ids = |u| resolve(r.path(), u).unwrap();
+        let root = ids("");
+        assert_eq!((root.uid, root.gid, root.home.as_str()), (0, 0, "/root"));
+        assert!(root.additional_gids.is_empty());
+        let bob = ids("bob");
         assert_eq!(
-            ids(""),
-            Ids {
-                uid: 0,
-                gid: 0,
-                additional_gids: vec![]
-            }
+            (bob.uid, bob.gid, bob.additional_gids.clone()),
+            (1000, 100, vec![10, 29])
         );
-        assert_eq!(
-            ids("bob"),
-            Ids {
-                uid: 1000,
-                gid: 100,
-                additional_gids: vec![10, 29]
-            }
-        );
+        assert_eq!(bob.home, "/home/bob");
         assert_eq!(ids("1000").gid, 100, "a uid with an entry takes its group");
+        let unknown = ids("4242");
         assert_eq!(
-            ids("4242"),
-            Ids {
-                uid: 4242,
-                gid: 0,
-                additional_gids: vec![]
-            }
+            (unknown.uid, unknown.gid, unknown.home.as_str()),
+            (4242, 0, "/")
         );
         assert_eq!(ids("www:users").gid, 100);
         assert_eq!(ids("www:7").gid, 7);
@@ -163,11 +174,31 @@ mod tests {
     }
 
     #[test]
-    fn a_symlinked_passwd_is_not_followed() {
+    fn symlinks_resolve_inside_the_rootfs_and_fifos_are_skipped() {
         let r = rootfs();
+        // An absolute symlink means the rootfs's own file, not the host's.
+        std::fs::rename(
+            r.path().join("etc/passwd"),
+            r.path().join("etc/passwd.real"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd.real", r.path().join("etc/passwd")).unwrap();
+        assert_eq!(resolve(r.path(), "bob").unwrap().uid, 1000);
         std::fs::remove_file(r.path().join("etc/passwd")).unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", r.path().join("etc/passwd")).unwrap();
-        assert!(resolve(r.path(), "root").is_err());
+        std::os::unix::fs::symlink("../../../../../../etc/passwd", r.path().join("etc/passwd"))
+            .unwrap();
+        assert!(
+            resolve(r.path(), "bob").is_err(),
+            "the host's passwd was read"
+        );
+        // A FIFO would block a plain open: it is ignored.
+        std::fs::remove_file(r.path().join("etc/passwd")).unwrap();
+        nix::unistd::mkfifo(
+            &r.path().join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert_eq!(resolve(r.path(), "0:0").unwrap().uid, 0);
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(resolve(empty.path(), "0:0").unwrap().uid, 0);
     }

@@ -210,7 +210,7 @@ pub fn first_mount_under(dir: &Path) -> Option<PathBuf> {
 
 /// Every mount point at or under `dir`, deepest (most recent) first, so they
 /// can be unmounted in this order.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut found: Vec<PathBuf> = info
         .lines()

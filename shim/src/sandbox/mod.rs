@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
-pub use dir::{first_mount_under, force_remove, SandboxDir};
+pub use dir::{first_mount_under, force_remove, mounts_under, SandboxDir};
 use processes::{start_virtiofsd, tail, HostProcess};
 
 /// The virtio-fs tag of the sandbox share; the agent mounts it.
