@@ -557,7 +557,8 @@ fn prepare_spec(
     }
     process.set_terminal(Some(terminal));
     let cwd = process.cwd().clone();
-    crate::workdir::ensure(rootfs, &cwd).map_err(|e| {
+    let mounts = spec.mounts().clone().unwrap_or_default();
+    crate::workdir::ensure_for(rootfs, &mounts, &cwd).map_err(|e| {
         invalid(
             id,
             format!("cannot make the working directory {}: {e}", cwd.display()),

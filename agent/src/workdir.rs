@@ -12,6 +12,33 @@ use std::path::{Component, Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{mkdirat, Mode};
+use oci_spec::runtime::Mount;
+
+/// Creates `cwd` where the container will see it: in the source of the bind
+/// mount that will cover it (`-v /h:/data -w /data/sub` makes `/h/sub`, as
+/// runc does by creating it after the mounts), else in `rootfs`. Under any
+/// other mount (a tmpfs) it cannot be made beforehand and is left alone.
+pub fn ensure_for(rootfs: &Path, mounts: &[Mount], cwd: &Path) -> io::Result<()> {
+    let covering = mounts
+        .iter()
+        .filter(|m| cwd.starts_with(m.destination()))
+        .max_by_key(|m| m.destination().components().count());
+    let Some(mount) = covering else {
+        return ensure(rootfs, cwd);
+    };
+    let is_bind = mount.typ().as_deref() == Some("bind")
+        || mount
+            .options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+    match (is_bind, mount.source()) {
+        (true, Some(source)) if source.is_dir() => {
+            let rest = cwd.strip_prefix(mount.destination()).unwrap_or(cwd);
+            ensure(source, &Path::new("/").join(rest))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Creates `cwd` (absolute, as the container sees it) under `rootfs`, with
 /// mode 0755 for each missing component.
@@ -65,5 +92,35 @@ mod tests {
         assert!(inside.join("x").is_dir());
         assert!(!outside.path().join("x").exists());
         assert!(ensure(root.path(), Path::new("/a/../b")).is_err());
+    }
+
+    #[test]
+    fn a_working_directory_under_a_bind_mount_is_made_in_its_source() {
+        let root = tempfile::tempdir().unwrap();
+        let volume = tempfile::tempdir().unwrap();
+        let bind = oci_spec::runtime::MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source(volume.path())
+            .options(vec!["rbind".to_string()])
+            .build()
+            .unwrap();
+        let tmpfs = oci_spec::runtime::MountBuilder::default()
+            .destination("/scratch")
+            .typ("tmpfs")
+            .source("tmpfs")
+            .build()
+            .unwrap();
+        let mounts = [bind, tmpfs];
+        ensure_for(root.path(), &mounts, Path::new("/data/sub/dir")).unwrap();
+        assert!(volume.path().join("sub/dir").is_dir());
+        assert!(!root.path().join("data").exists());
+        ensure_for(root.path(), &mounts, Path::new("/scratch/x")).unwrap();
+        assert!(!root.path().join("scratch").exists());
+        ensure_for(root.path(), &mounts, Path::new("/database")).unwrap();
+        assert!(
+            root.path().join("database").is_dir(),
+            "/database is not under /data"
+        );
     }
 }

@@ -294,15 +294,19 @@ fn volumes_read_write_and_read_only() -> Result<(), Failed> {
             "--rm",
             "-v",
             &rw,
+            // A working directory inside the volume is made there.
+            "-w",
+            "/data/made/here",
             "busybox:vol",
             "sh",
             "-c",
-            "cat /data/in; echo back > /data/out",
+            "cat /data/in; echo back > /data/out; pwd",
         ],
         0,
     )?;
-    if out.stdout != "from the host\n"
+    if out.stdout != "from the host\n/data/made/here\n"
         || std::fs::read_to_string(host.path().join("out"))? != "back\n"
+        || !host.path().join("made/here").is_dir()
     {
         return Err(format!("read-write volume: {:?} {:?}", out.stdout, out.stderr).into());
     }
