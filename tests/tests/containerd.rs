@@ -17,7 +17,7 @@ use bulkhead_tests::cri::{ContainerSpec, PodSpec};
 use bulkhead_tests::oci_image::{write_image_archive, ImageConfig, LayerCompression};
 use bulkhead_tests::process;
 use common::{listing, processes_named};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 
 const IMAGE: &str = "docker.io/library/bulkhead-busybox:test";
 const PAUSE: &str = "registry.k8s.io/pause:bulkhead-test";
@@ -27,16 +27,16 @@ const DEADLINE: Duration = Duration::from_secs(120);
 fn main() -> ExitCode {
     common::main("containerd", || {
         vec![
-            Trial::test("ctr_run_prints_and_exits_like_the_command", ctr_run),
-            Trial::test("stdin_is_piped_through", stdin_is_piped),
-            Trial::test("log_uris_binary_and_file", log_uris),
-            Trial::test("exec_kill_and_metrics_of_a_running_task", exec_kill_metrics),
-            Trial::test("sigkill_reports_137", sigkill_reports_137),
-            Trial::test("tty_gives_a_terminal", tty_gives_a_terminal),
-            Trial::test("cri_pod_of_two_containers", cri_pod),
-            Trial::test("killed_vmm_ends_the_task_and_delete_cleans_up", killed_vmm),
-            Trial::test("killed_shim_is_cleaned_up_by_delete", killed_shim),
-            Trial::test(
+            common::trial("ctr_run_prints_and_exits_like_the_command", ctr_run),
+            common::trial("stdin_is_piped_through", stdin_is_piped),
+            common::trial("log_uris_binary_and_file", log_uris),
+            common::trial("exec_kill_and_metrics_of_a_running_task", exec_kill_metrics),
+            common::trial("sigkill_reports_137", sigkill_reports_137),
+            common::trial("tty_gives_a_terminal", tty_gives_a_terminal),
+            common::trial("cri_pod_of_two_containers", cri_pod),
+            common::trial("killed_vmm_ends_the_task_and_delete_cleans_up", killed_vmm),
+            common::trial("killed_shim_is_cleaned_up_by_delete", killed_shim),
+            common::trial(
                 "guest_panic_ends_the_task_with_the_console_in_the_log",
                 guest_panic,
             ),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bulkhead_tests::oci_image::{write_image_archive, ImageArchive, ImageConfig, LayerCompression};
 use bulkhead_tests::process;
 use bulkhead_tests::registry::Registry;
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 
 /// Generous: a sandbox boots in seconds under emulation.
 const DEADLINE: Duration = Duration::from_secs(240);
@@ -21,30 +21,30 @@ const DEADLINE: Duration = Duration::from_secs(240);
 fn main() -> ExitCode {
     common::main("images", || {
         vec![
-            Trial::test(
+            common::trial(
                 "pull_then_run_uses_the_image_config",
                 pull_then_run_uses_the_image_config,
             ),
-            Trial::test(
+            common::trial(
                 "docker_flags_env_workdir_user_entrypoint",
                 docker_flags_env_workdir_user_entrypoint,
             ),
-            Trial::test(
+            common::trial(
                 "volumes_read_write_and_read_only",
                 volumes_read_write_and_read_only,
             ),
-            Trial::test("detached_logs_exec_stop_rm", detached_logs_exec_stop_rm),
-            Trial::test("memory_limit_is_enforced", memory_limit_is_enforced),
-            Trial::test("rm_flag_leaves_nothing", rm_flag_leaves_nothing),
-            Trial::test(
+            common::trial("detached_logs_exec_stop_rm", detached_logs_exec_stop_rm),
+            common::trial("memory_limit_is_enforced", memory_limit_is_enforced),
+            common::trial("rm_flag_leaves_nothing", rm_flag_leaves_nothing),
+            common::trial(
                 "bad_references_and_registries",
                 bad_references_and_registries,
             ),
-            Trial::test(
+            common::trial(
                 "corrupted_blob_leaves_the_store_as_it_was",
                 corrupted_blob_leaves_the_store_as_it_was,
             ),
-            Trial::test(
+            common::trial(
                 "load_refuses_what_is_not_an_image",
                 load_refuses_what_is_not_an_image,
             ),

@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use common::processes_named;
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 
 /// Generous: a sandbox boots in seconds under emulation.
 const DEADLINE: Duration = Duration::from_secs(240);
@@ -17,44 +17,44 @@ const DEADLINE: Duration = Duration::from_secs(240);
 fn main() -> ExitCode {
     common::main("run", || {
         vec![
-            Trial::test(
+            common::trial(
                 "echo_separates_stdout_and_stderr",
                 echo_separates_stdout_and_stderr,
             ),
-            Trial::test("exit_code_is_the_commands", exit_code_is_the_commands),
-            Trial::test("stdin_is_fed_until_eof", stdin_is_fed_until_eof),
-            Trial::test(
+            common::trial("exit_code_is_the_commands", exit_code_is_the_commands),
+            common::trial("stdin_is_fed_until_eof", stdin_is_fed_until_eof),
+            common::trial(
                 "sigterm_reaches_the_container",
                 sigterm_reaches_the_container,
             ),
-            Trial::test("memory_limit_ooms", memory_limit_ooms),
-            Trial::test(
+            common::trial("memory_limit_ooms", memory_limit_ooms),
+            common::trial(
                 "read_only_rootfs_refuses_writes",
                 read_only_rootfs_refuses_writes,
             ),
-            Trial::test(
+            common::trial(
                 "files_written_are_visible_on_the_host",
                 files_written_are_visible_on_the_host,
             ),
-            Trial::test("env_and_workdir_are_honoured", env_and_workdir_are_honoured),
-            Trial::test(
+            common::trial("env_and_workdir_are_honoured", env_and_workdir_are_honoured),
+            common::trial(
                 "exec_joins_a_running_container",
                 exec_joins_a_running_container,
             ),
-            Trial::test("tty_gives_a_real_pty", tty_gives_a_real_pty),
-            Trial::test(
+            common::trial("tty_gives_a_real_pty", tty_gives_a_real_pty),
+            common::trial(
                 "killed_vmm_ends_the_run_cleanly",
                 killed_vmm_ends_the_run_cleanly,
             ),
-            Trial::test(
+            common::trial(
                 "sigterm_while_booting_cleans_up",
                 sigterm_while_booting_cleans_up,
             ),
-            Trial::test("user_is_honoured", user_is_honoured),
-            Trial::test("rejects_missing_rootfs", rejects_missing_rootfs),
-            Trial::test("rejects_empty_command", rejects_empty_command),
-            Trial::test("command_not_found_is_127", command_not_found_is_127),
-            Trial::test("rejects_too_little_memory", rejects_too_little_memory),
+            common::trial("user_is_honoured", user_is_honoured),
+            common::trial("rejects_missing_rootfs", rejects_missing_rootfs),
+            common::trial("rejects_empty_command", rejects_empty_command),
+            common::trial("command_not_found_is_127", command_not_found_is_127),
+            common::trial("rejects_too_little_memory", rejects_too_little_memory),
         ]
     })
 }

@@ -268,9 +268,21 @@ pub(super) fn kill_shims(socket: &Path) -> Vec<String> {
     }
     for shim in shims {
         let _ = fs::remove_file(shim_socket(socket, &shim.namespace, &shim.id));
+        // A bulkhead shim killed mid-way leaves its sandbox directory (named
+        // by the shim's id) with the share mounted; its processes died above.
+        let sandbox = Path::new(BULKHEAD_RUN_ROOT).join(&shim.id);
+        if sandbox.is_dir() {
+            problems.extend(unmount_all_under(&sandbox));
+            if let Err(e) = fs::remove_dir_all(&sandbox) {
+                problems.push(format!("cannot remove {}: {e}", sandbox.display()));
+            }
+        }
     }
     problems
 }
+
+/// Where bulkhead's shims make their sandbox directories (its default run root).
+const BULKHEAD_RUN_ROOT: &str = "/run/bulkhead";
 
 /// The stdio FIFOs the shims of `socket` and their children hold open in
 /// `/run/containerd/fifo/<n>/`: ctr makes them there and removes them only when
