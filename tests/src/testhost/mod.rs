@@ -248,8 +248,10 @@ impl TestHost {
 
     /// Like [`TestHost::run`], but when the emulated host stalls (no console
     /// output for the stall timeout: TCG with nested KVM occasionally locks up
-    /// its whole guest) it is killed and the command is run again in a fresh
-    /// host, up to `attempts` times in all. The command must be safe to repeat.
+    /// its whole guest) or its own kernel panics (seen under load: a stack
+    /// guard page hit in KVM's vCPU thread, from QEMU's TCG emulation of
+    /// nested SVM), the command is run again in a fresh host, up to
+    /// `attempts` times in all. The command must be safe to repeat.
     pub fn run_retrying_stalls(
         &self,
         argv: &[String],
@@ -264,6 +266,16 @@ impl TestHost {
                     println!(
                         "bulkhead-tests: the emulated host stalled (attempt {attempt} of \
                          {attempts}); starting a fresh one and running the command again"
+                    );
+                    attempt += 1;
+                }
+                Err(Error::QemuExited { console_tail, .. })
+                    if attempt < attempts && console_tail.contains("Kernel panic") =>
+                {
+                    println!(
+                        "bulkhead-tests: the emulated host's own kernel panicked (attempt \
+                         {attempt} of {attempts}); starting a fresh one and running the \
+                         command again. Its last console lines:\n{console_tail}"
                     );
                     attempt += 1;
                 }
