@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
@@ -53,15 +53,7 @@ fn main() -> ExitCode {
 }
 
 fn cli() -> PathBuf {
-    std::env::var_os("BULKHEAD_CLI")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .map(|d| d.join("bulkhead"))
-                .expect("target dir")
-        })
+    common::bulkhead_cli()
 }
 
 /// What a `bulkhead` command did.

@@ -78,15 +78,7 @@ impl Rootfs {
 }
 
 fn cli() -> PathBuf {
-    std::env::var_os("BULKHEAD_CLI")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .map(|d| d.join("bulkhead"))
-                .expect("target dir")
-        })
+    common::bulkhead_cli()
 }
 
 struct RunResult {

@@ -144,6 +144,20 @@ fn relaunch_in_emulated_host() -> ExitCode {
     }
 }
 
+/// The `bulkhead` CLI: $BULKHEAD_CLI, else the one cargo built next to this
+/// test (target/<profile>/bulkhead).
+pub fn bulkhead_cli() -> PathBuf {
+    std::env::var_os("BULKHEAD_CLI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("bulkhead"))
+                .expect("target dir")
+        })
+}
+
 /// The `bulkhead-vmm` binary: $BULKHEAD_VMM, else the one cargo built next to
 /// this test (target/<profile>/bulkhead-vmm).
 pub fn vmm_binary() -> PathBuf {
