@@ -3,7 +3,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{guest, images, place, workspace};
+use crate::{images, place, workspace};
 
 /// Builds what the demo needs, then runs a container where KVM can boot it.
 pub fn run() -> Result<()> {
@@ -12,9 +12,7 @@ pub fn run() -> Result<()> {
     let archive = target.join("images").join("busybox.tar");
     // Inside the emulated host the outer run has built everything already.
     if !bulkhead_tests::kvm::inside_emulated_host() {
-        guest::build(&workspace::guest_dir())?;
-        workspace::build_vmm(true)?;
-        workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
+        workspace::build_release_runtime()?;
         images::busybox_archive()?;
     }
     place::run_with_kvm("demo", || {

@@ -50,6 +50,15 @@ pub fn build_vmm(release: bool) -> Result<PathBuf> {
     Ok(vmm_path(release))
 }
 
+/// Builds what runs a container, in release: the guest (kernel + the agent's
+/// initrd), bulkhead-vmm and the `bulkhead` CLI with its shim. The demo and
+/// the container benchmarks all start with this.
+pub fn build_release_runtime() -> Result<()> {
+    crate::guest::build(&guest_dir())?;
+    build_vmm(true)?;
+    cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])
+}
+
 /// Where cargo puts `bulkhead-vmm` for that profile.
 pub fn vmm_path(release: bool) -> PathBuf {
     let profile = if release { "release" } else { "debug" };

@@ -37,6 +37,32 @@ impl Artifacts {
             virtiofsd: Artifact::Virtiofsd.locate(config)?.path,
         })
     }
+
+    /// The sandbox `id` made from these files with this host's settings, at
+    /// the size the caller chose; one place for what the CLI and the shim
+    /// both take from the config.
+    pub fn sandbox_config(
+        self,
+        config: &Config,
+        id: String,
+        vcpus: u16,
+        memory_mib: u32,
+        boot_timeout: std::time::Duration,
+    ) -> crate::sandbox::SandboxConfig {
+        crate::sandbox::SandboxConfig {
+            id,
+            run_root: config.run_root.clone(),
+            kernel: self.kernel,
+            initrd: self.initrd,
+            vmm: self.vmm,
+            virtiofsd: self.virtiofsd,
+            memory_mib,
+            vcpus,
+            boot_timeout,
+            virtiofsd_cache: config.virtiofsd_cache.as_str(),
+            debug_console: config.debug_console,
+        }
+    }
 }
 
 /// One of the files a sandbox is made from; lets `bulkhead doctor` look for

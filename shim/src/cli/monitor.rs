@@ -26,9 +26,7 @@ use super::containers::{
 use super::process_io::{self, OutputSinks, ProcessRef};
 use super::spec;
 use crate::config::{Config, GUEST_OVERHEAD_MIB};
-use crate::sandbox::{
-    guest_share_path, AgentConnection, Sandbox, SandboxConfig, SandboxError, RPC_TIMEOUT,
-};
+use crate::sandbox::{guest_share_path, AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
 
 /// How the monitor's container is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,21 +87,11 @@ async fn start_and_wait(
     let vcpus = record.cpus.map_or(config.vcpus, |c| {
         c.ceil().clamp(1.0, f64::from(crate::config::MAX_VCPUS)) as u16
     });
-    let sandbox_config = SandboxConfig {
-        id: sid.clone(),
-        run_root: config.run_root.clone(),
-        kernel: artifacts.kernel,
-        initrd: artifacts.initrd,
-        vmm: artifacts.vmm,
-        virtiofsd: artifacts.virtiofsd,
-        memory_mib,
-        vcpus,
-        boot_timeout: record
-            .boot_timeout_secs
-            .map_or(config.boot_timeout(), std::time::Duration::from_secs),
-        virtiofsd_cache: config.virtiofsd_cache.as_str(),
-        debug_console: config.debug_console,
-    };
+    let boot_timeout = record
+        .boot_timeout_secs
+        .map_or(config.boot_timeout(), std::time::Duration::from_secs);
+    let sandbox_config =
+        artifacts.sandbox_config(config, sid.clone(), vcpus, memory_mib, boot_timeout);
     let mut spec = spec::build(&record.process, &sid, &sid)?;
     // Until the container runs, a signal cancels the start: dropping the start
     // future kills what it spawned and removes the sandbox directory.

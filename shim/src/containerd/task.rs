@@ -36,7 +36,7 @@ use super::metrics;
 use super::record::BundleRecord;
 use crate::cli::artifacts::Artifacts;
 use crate::config::Config;
-use crate::sandbox::{AgentConnection, Sandbox, SandboxConfig, SandboxError, RPC_TIMEOUT};
+use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug)]
@@ -219,19 +219,13 @@ impl Inner {
         let artifacts = Artifacts::resolve(&self.config).map_err(|e| failed(e.to_string()))?;
         let (vcpus, memory_mib) =
             super::sizing::vm_size(spec, self.config.vcpus, self.config.memory_mib);
-        let config = SandboxConfig {
-            id: vm_id.to_owned(),
-            run_root: self.config.run_root.clone(),
-            kernel: artifacts.kernel,
-            initrd: artifacts.initrd,
-            vmm: artifacts.vmm,
-            virtiofsd: artifacts.virtiofsd,
-            memory_mib,
+        let config = artifacts.sandbox_config(
+            &self.config,
+            vm_id.to_owned(),
             vcpus,
-            boot_timeout: self.config.boot_timeout(),
-            virtiofsd_cache: self.config.virtiofsd_cache.as_str(),
-            debug_console: self.config.debug_console,
-        };
+            memory_mib,
+            self.config.boot_timeout(),
+        );
         tracing::info!(sandbox = vm_id, vcpus, memory_mib, "booting the microVM");
         let sandbox = Sandbox::start(&config, &[])
             .await

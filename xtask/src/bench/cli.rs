@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::median;
 use super::run::{command, make_runc_bundle, time_run, Inputs};
-use crate::{guest, images, place, workspace};
+use crate::{images, place, workspace};
 
 /// Builds everything outside the emulated host, then measures where KVM runs.
 pub fn run(runs: usize) -> Result<()> {
@@ -21,9 +21,7 @@ pub fn run(runs: usize) -> Result<()> {
     };
     let archive = target.join("images").join("busybox.tar");
     if !bulkhead_tests::kvm::inside_emulated_host() {
-        guest::build(&workspace::guest_dir())?;
-        workspace::build_vmm(true)?;
-        workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
+        workspace::build_release_runtime()?;
         images::busybox_archive()?;
         make_runc_bundle(&inputs.bundle, &inputs.rootfs)?;
     }

@@ -11,7 +11,7 @@ use bulkhead_tests::containerd::{ContainerdOptions, PrivateContainerd, Runtime};
 use bulkhead_tests::oci_image::{write_image_archive, ImageConfig, LayerCompression};
 
 use super::median;
-use crate::{guest, place, workspace};
+use crate::{place, workspace};
 
 const IMAGE: &str = "docker.io/library/bulkhead-bench:latest";
 const PAUSE: &str = "registry.k8s.io/pause:bulkhead-bench";
@@ -26,9 +26,7 @@ pub fn run(runs: usize) -> Result<()> {
     let rootfs = target.join("bench").join("rootfs");
     let shim_dir = target.join("release");
     if !bulkhead_tests::kvm::inside_emulated_host() {
-        guest::build(&workspace::guest_dir())?;
-        workspace::build_vmm(true)?;
-        workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
+        workspace::build_release_runtime()?;
         crate::rootfs::busybox(&rootfs)?;
     }
     // One emulated vCPU, as for `bench run` (two corrupt guests under load in

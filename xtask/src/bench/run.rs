@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::median;
-use crate::{guest, place, workspace};
+use crate::{place, workspace};
 
 const THROUGHPUT_BYTES: u64 = 256 << 20;
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -30,9 +30,7 @@ pub fn run(runs: usize) -> Result<()> {
         bundle: target.join("bench").join("bundle"),
     };
     if !bulkhead_tests::kvm::inside_emulated_host() {
-        guest::build(&workspace::guest_dir())?;
-        workspace::build_vmm(true)?;
-        workspace::cargo(&["build", "--quiet", "--release", "--package", "bulkhead"])?;
+        workspace::build_release_runtime()?;
         crate::rootfs::busybox(&inputs.rootfs)?;
         make_runc_bundle(&inputs.bundle, &inputs.rootfs)?;
     }
