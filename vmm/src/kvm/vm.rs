@@ -106,7 +106,8 @@ impl Vm {
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::new("read the supported CPUID"))?;
-        crate::arch::x86_64::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, vcpus);
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
+        crate::arch::x86_64::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, vcpus, tsc_deadline);
         fd.set_cpuid2(&cpuid)
             .map_err(KvmError::new(format!("set CPUID of vCPU {id}")))?;
         Vcpu::new(fd, id)
