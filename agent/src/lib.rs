@@ -37,6 +37,7 @@ pub mod rootfs;
 pub mod rpc;
 pub mod stdio;
 pub mod streams;
+pub mod template;
 pub mod workdir;
 
 pub use container::{Container, ContainerError, CreateOptions, Exec};

@@ -15,7 +15,7 @@ use bulkhead_agent::container::DEFAULT_RUN_DIR;
 use bulkhead_agent::mapping::{SHARE_DIR, SHARE_TAG};
 use bulkhead_agent::rpc::{AgentService, Config};
 use bulkhead_agent::streams::{self, Lookup};
-use bulkhead_agent::{init, init_mode, pid1, ready, rootfs};
+use bulkhead_agent::{init, init_mode, pid1, ready, rootfs, template};
 use bulkhead_protocol::agent_ttrpc::{create_agent, Agent};
 use bulkhead_protocol::ttrpc::asynchronous::Server;
 use bulkhead_protocol::{AGENT_STREAM_PORT, AGENT_TTRPC_PORT, HOST_READY_PORT};
@@ -52,9 +52,6 @@ fn main() {
     }
     // Without the share no container can be made, but Check and Shutdown still
     // work, and the host gets a clear error from CreateContainer.
-    if let Err(err) = init::mount_virtiofs(SHARE_TAG, Path::new(SHARE_DIR)) {
-        eprintln!("bulkhead-agent: no shared folder: {err}");
-    }
     let status = pid1::run_agent_under_reaper(agent_main);
     match status {
         Ok(status) => fatal(&format!("the agent ended: {status}")),
@@ -113,6 +110,18 @@ async fn serve() -> Result<(), String> {
         .map_err(|e| format!("stream listener on vsock port {AGENT_STREAM_PORT}: {e}"))?;
     let lookup: Arc<dyn Lookup> = service;
     tokio::spawn(streams::serve(listener, lookup));
+    // Everything above is the same in every sandbox: a template boot is
+    // saved here, and its copies resume here.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if template::is_template_boot(&cmdline) {
+        eprintln!("bulkhead-agent: template set up at {}", since_boot());
+        template::save_and_wait_for_resume()
+            .await
+            .map_err(|e| format!("waiting to be resumed from the template: {e}"))?;
+    }
+    if let Err(err) = init::mount_virtiofs(SHARE_TAG, Path::new(SHARE_DIR)) {
+        eprintln!("bulkhead-agent: no shared folder: {err}");
+    }
     // Only now can the host's requests be served: say so.
     let _hello = ready::announce(HOST_READY_PORT)
         .await

@@ -28,6 +28,7 @@
 //! | [`AGENT_TTRPC_PORT`] (1024) | agent | ttrpc, this API |
 //! | [`AGENT_STREAM_PORT`] (1025) | agent | stdio streams, [`stream::StreamHeader`] first |
 //! | [`HOST_READY_PORT`] (1026) | host | the agent dials it once it takes requests |
+//! | [`AGENT_RESUME_PORT`] (1027) | agent | a VM resumed from a template: the host's go |
 //!
 //! # Host side: a client over an already-connected socket
 //!
@@ -130,8 +131,8 @@ mod validate;
 
 pub use async_trait;
 pub use limits::{
-    validate_exec_id, validate_id, ValidationError, AGENT_STREAM_PORT, AGENT_TTRPC_PORT,
-    HOST_READY_PORT,
+    validate_exec_id, validate_id, ValidationError, AGENT_RESUME_PORT, AGENT_STREAM_PORT,
+    AGENT_TTRPC_PORT, HOST_READY_PORT,
 };
 pub use protobuf;
 pub use ttrpc;

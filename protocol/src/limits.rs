@@ -96,6 +96,12 @@ pub const AGENT_STREAM_PORT: u32 = 1025;
 /// a deadline) instead of polling the agent.
 pub const HOST_READY_PORT: u32 = 1026;
 
+/// The vsock port on which an agent resumed from a VM template waits for the
+/// host's go: 1027. The template was saved while the agent waited here, so
+/// only its copies ever get the connection; the agent then mounts the share
+/// and dials [`HOST_READY_PORT`] as after a boot.
+pub const AGENT_RESUME_PORT: u32 = 1027;
+
 /// Why a field of a message, an id or a stream header was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ValidationError {

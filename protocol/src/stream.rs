@@ -87,6 +87,58 @@ impl StreamAck {
 /// whole life, so the host sees the agent die as end-of-file on it.
 pub const READY_LINE_PREFIX: &str = "bulkhead-agent ";
 
+/// The host's answer to the hello: `boot <unix seconds>.<nanoseconds> <seed>\n`.
+/// The agent sets the guest's wall clock from it and stirs the seed (32 bytes,
+/// hex) into the guest kernel's random pool, then answers [`BOOT_ACK_LINE`]:
+/// a VM resumed from a template would otherwise run on the template's clock
+/// and on the very random state every other copy of that template has.
+pub const BOOT_LINE_PREFIX: &str = "boot ";
+
+/// The agent's answer once it applied the boot line.
+pub const BOOT_ACK_LINE: &str = "ok\n";
+
+/// What the boot line carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFacts {
+    /// The host's wall-clock time, since the Unix epoch.
+    pub unix_time: std::time::Duration,
+    /// Fresh randomness from the host.
+    pub seed: [u8; 32],
+}
+
+impl BootFacts {
+    /// The line, newline included.
+    pub fn to_line(&self) -> String {
+        let seed: String = self.seed.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{BOOT_LINE_PREFIX}{}.{:09} {seed}\n",
+            self.unix_time.as_secs(),
+            self.unix_time.subsec_nanos()
+        )
+    }
+
+    /// Parses a line made by [`BootFacts::to_line`] (trailing newline optional);
+    /// anything else is `None`.
+    pub fn parse(line: &str) -> Option<BootFacts> {
+        let rest = line.strip_suffix('\n').unwrap_or(line);
+        let (time, seed_hex) = rest.strip_prefix(BOOT_LINE_PREFIX)?.split_once(' ')?;
+        let (secs, nanos) = time.split_once('.')?;
+        if nanos.len() != 9 || seed_hex.len() != 64 {
+            return None;
+        }
+        let secs: u64 = secs.parse().ok()?;
+        let nanos: u32 = nanos.parse().ok()?;
+        let mut seed = [0u8; 32];
+        for (i, byte) in seed.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(seed_hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(BootFacts {
+            unix_time: std::time::Duration::new(secs, nanos),
+            seed,
+        })
+    }
+}
+
 /// Which stdio stream a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -324,6 +376,28 @@ fn parse_ids(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn boot_line_round_trips_and_rejects_garbage() {
+        let facts = BootFacts {
+            unix_time: std::time::Duration::new(1_795_000_000, 42),
+            seed: [0xa5; 32],
+        };
+        let line = facts.to_line();
+        assert!(line.starts_with("boot 1795000000.000000042 a5a5"), "{line}");
+        assert_eq!(BootFacts::parse(&line), Some(facts));
+        for bad in [
+            "",
+            "boot",
+            "boot 1.5 00",
+            "boot x.000000000 a5",
+            &line.replace("a5a5", "zzzz"),
+            &line.replace("boot ", "bo0t "),
+        ] {
+            assert_eq!(BootFacts::parse(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
 
     fn raw(magic: &[u8; 4], version: u8, kind: u8, c: &[u8], e: &[u8]) -> Vec<u8> {

@@ -16,7 +16,7 @@ use bulkhead_tests::containerd::{ContainerdOptions, PrivateContainerd, Runtime, 
 use bulkhead_tests::cri::{ContainerSpec, PodSpec};
 use bulkhead_tests::oci_image::{write_image_archive, ImageConfig, LayerCompression};
 use bulkhead_tests::process;
-use common::{listing, processes_named};
+use common::processes_named;
 use libtest_mimic::Failed;
 
 const IMAGE: &str = "docker.io/library/bulkhead-busybox:test";
@@ -431,14 +431,12 @@ fn killed_shim() -> Result<(), Failed> {
     // containerd notices the shim is gone and runs `shim delete`, which must
     // stop the VM and remove the sandbox.
     let deadline = Instant::now() + DEADLINE;
-    while !processes_named("bulkhead-vmm").is_empty()
-        || !listing(Path::new("/run/bulkhead")).is_empty()
-    {
+    while !processes_named("bulkhead-vmm").is_empty() || !common::run_dir_leftovers().is_empty() {
         if Instant::now() > deadline {
             return Err(format!(
                 "after the shim was killed: VMMs {:?}, /run/bulkhead {:?}\n{}",
                 processes_named("bulkhead-vmm"),
-                listing(Path::new("/run/bulkhead")),
+                common::run_dir_leftovers(),
                 s.daemon().log_tail()
             )
             .into());

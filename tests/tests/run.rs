@@ -55,6 +55,14 @@ fn main() -> ExitCode {
             common::trial("rejects_empty_command", rejects_empty_command),
             common::trial("command_not_found_is_127", command_not_found_is_127),
             common::trial("rejects_too_little_memory", rejects_too_little_memory),
+            common::trial(
+                "template_copies_get_their_own_clock_and_randomness",
+                template_copies_get_their_own_clock_and_randomness,
+            ),
+            common::trial(
+                "without_templates_every_sandbox_boots",
+                without_templates_every_sandbox_boots,
+            ),
         ]
     })
 }
@@ -540,6 +548,84 @@ fn rejects_too_little_memory() -> Result<(), Failed> {
     expect(&r, 125, "--memory 2m")?;
     if !r.stderr.contains("at least") {
         return Err(format!("unclear error: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+/// What a container saw of its VM: wall clock, 16 random bytes, the boot id.
+fn vm_identity(rootfs: &Path, extra: &[&str]) -> Result<(u64, String, String), Failed> {
+    let r = bulkhead_run(
+        rootfs,
+        extra,
+        &[
+            "sh",
+            "-c",
+            "date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+             cat /proc/sys/kernel/random/boot_id",
+        ],
+        None,
+    )?;
+    expect(&r, 0, "identity")?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let [date, random, boot_id] = lines[..] else {
+        return Err(format!("unexpected output {:?}", r.stdout).into());
+    };
+    Ok((date.trim().parse()?, random.to_owned(), boot_id.to_owned()))
+}
+
+fn template_copies_get_their_own_clock_and_randomness() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    // Two sandboxes of one shape: the second (at least) resumes the template
+    // the first one made or found.
+    let first = vm_identity(rootfs.path(), &[])?;
+    let second = vm_identity(rootfs.path(), &[])?;
+    let templates = Path::new("/run/bulkhead").join(bulkhead::sandbox::templates::TEMPLATES_DIR);
+    let made: Vec<String> = common::listing(&templates)
+        .into_iter()
+        .filter(|n| templates.join(n).join("state.json").is_file())
+        .collect();
+    if made.is_empty() {
+        return Err(format!(
+            "no VM template under {}: {:?}",
+            templates.display(),
+            common::listing(&templates)
+        )
+        .into());
+    }
+    // Copies of one saved VM would share the kernel's random state and its
+    // clock, were they not reseeded and set at resume.
+    if first.1 == second.1 || first.2 == second.2 {
+        return Err(format!("two sandboxes share random state: {first:?} and {second:?}").into());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    for (date, _, _) in [&first, &second] {
+        if now.abs_diff(*date) > 60 {
+            return Err(format!("guest clock {date}, host clock {now}").into());
+        }
+    }
+    nothing_left()
+}
+
+fn without_templates_every_sandbox_boots() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "vm_templates = false\n")?;
+    let mut c = Command::new(cli());
+    c.env("BULKHEAD_CONFIG", &config)
+        .env("BULKHEAD_LOG", "bulkhead=info")
+        .args(["run", "--rootfs"])
+        .arg(rootfs.path())
+        .args(["--", "echo", "booted"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let r = wait_with_deadline(c.spawn()?, DEADLINE)?;
+    expect(&r, 0, "run without templates")?;
+    if r.stdout != "booted\n" || !r.stderr.contains("booting") || r.stderr.contains("resuming") {
+        return Err(format!("stdout {:?}, stderr {}", r.stdout, r.stderr).into());
     }
     nothing_left()
 }

@@ -112,6 +112,16 @@ pub struct VmConfig {
     /// The hybrid vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Make this boot a template: when the guest says it is ready to be saved
+    /// (its agent, once set up and before it touches anything per-sandbox), save
+    /// the whole VM into this directory and exit with status 0.
+    #[serde(default)]
+    pub save_snapshot: Option<PathBuf>,
+    /// Start from the snapshot in this directory instead of booting the kernel:
+    /// the guest resumes where it rang the doorbell. Memory size, vCPU count
+    /// and the device list must be those of the VM that saved it.
+    #[serde(default)]
+    pub restore_snapshot: Option<PathBuf>,
 }
 
 /// One virtio-fs share: the guest mounts `tag`; virtiofsd listens on `socket`.
@@ -220,6 +230,8 @@ impl VmConfig {
             assume_pvm_guest: false,
             fs: Vec::new(),
             vsock: None,
+            save_snapshot: None,
+            restore_snapshot: None,
         }
     }
 
@@ -257,6 +269,11 @@ impl VmConfig {
         if self.ready_marker.as_deref() == Some("") {
             return Err(ConfigError::Invalid("--ready-marker must not be empty"));
         }
+        if self.save_snapshot.is_some() && self.restore_snapshot.is_some() {
+            return Err(ConfigError::Invalid(
+                "save_snapshot and restore_snapshot exclude each other",
+            ));
+        }
         let mut tags = std::collections::HashSet::new();
         for fs in &self.fs {
             let invalid = |reason: String| ConfigError::Fs {
@@ -278,12 +295,20 @@ impl VmConfig {
 
     /// The command line the guest gets.
     pub fn effective_cmdline(&self) -> String {
-        let base = self.cmdline.clone().unwrap_or_else(default_cmdline);
-        if !self.debug_console {
-            return base;
+        let mut words: Vec<String> = self
+            .cmdline
+            .clone()
+            .unwrap_or_else(default_cmdline)
+            .split(' ')
+            .filter(|w| !(self.debug_console && *w == "quiet"))
+            .map(str::to_owned)
+            .collect();
+        if self.debug_console {
+            words.extend(["printk.time=1".to_owned(), "loglevel=7".to_owned()]);
         }
-        let mut words: Vec<&str> = base.split(' ').filter(|w| *w != "quiet").collect();
-        words.extend(["printk.time=1", "loglevel=7"]);
+        if self.save_snapshot.is_some() {
+            words.push(crate::snapshot::TEMPLATE_PARAM.to_owned());
+        }
         words.join(" ")
     }
 

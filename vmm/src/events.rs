@@ -7,6 +7,8 @@ use std::fmt;
 pub enum VmEvent {
     /// The guest printed the ready marker.
     Ready,
+    /// The guest rang the snapshot doorbell (a template boot); its vCPU stopped.
+    SnapshotRequested,
     /// The VM must stop, for this reason.
     Stop(StopReason),
 }
@@ -32,6 +34,8 @@ pub enum StopReason {
         /// What KVM said.
         detail: String,
     },
+    /// A template boot saved its snapshot and stopped.
+    SnapshotSaved,
     /// A vCPU thread failed outside the guest's control.
     VcpuFailed {
         /// The vCPU.
@@ -46,14 +50,16 @@ impl StopReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            StopReason::GuestReset | StopReason::GuestSystemEvent(_)
+            StopReason::GuestReset | StopReason::GuestSystemEvent(_) | StopReason::SnapshotSaved
         )
     }
 
     /// The VMM's exit status for this stop (0 only for a clean stop; see `--help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::GuestReset | StopReason::GuestSystemEvent(_) => 0,
+            StopReason::GuestReset
+            | StopReason::GuestSystemEvent(_)
+            | StopReason::SnapshotSaved => 0,
             StopReason::GuestPanic | StopReason::TripleFault { .. } => crate::EXIT_GUEST_CRASHED,
             StopReason::Hypervisor { .. } | StopReason::VcpuFailed { .. } => {
                 crate::EXIT_HYPERVISOR_FAILED
@@ -68,6 +74,7 @@ impl fmt::Display for StopReason {
             StopReason::GuestReset => write!(f, "the guest reset itself (reboot)"),
             StopReason::GuestSystemEvent(t) => write!(f, "the guest requested system event {t}"),
             StopReason::GuestPanic => write!(f, "the guest kernel panicked"),
+            StopReason::SnapshotSaved => write!(f, "the snapshot was saved"),
             StopReason::TripleFault { cpu } => write!(f, "vCPU {cpu} triple-faulted"),
             StopReason::Hypervisor { cpu, detail } => {
                 write!(f, "KVM failed on vCPU {cpu}: {detail}")

@@ -6,7 +6,8 @@
 //!
 //! Layout: `config` (plain data), `arch` (boot tables and vCPU state, pure),
 //! `kvm` (the only module that names KVM), `memory`, `loader`, `devices`,
-//! `vcpu` (threads), `machine` (puts it together).
+//! `vcpu` (threads), `snapshot` (templates: save and restore a whole VM),
+//! `machine` (puts it together).
 
 pub mod arch;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod kvm;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 
 pub use config::{ConsoleSpec, VmConfig};

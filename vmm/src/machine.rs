@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +27,8 @@ use crate::events::{StopReason, VmEvent};
 use crate::kvm::{HostKvm, KvmError, Vm};
 use crate::loader::{self, LoadError};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::vcpu::{install_kick_handler, VcpuThreads};
+use crate::snapshot::{self, SnapshotError, VmSnapshot};
+use crate::vcpu::{install_kick_handler, SnapshotSupport, VcpuThreads};
 
 /// The first interrupt line for virtio devices: 0-4 are the PIT, keyboard,
 /// cascade and serial ports of a PC.
@@ -111,6 +113,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot could not be saved or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The guest did not print the ready marker in time.
     #[error(
         "The guest did not print the ready marker {marker:?} within {secs} s; it was stopped. \
@@ -158,6 +163,14 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     config.validate()?;
     check_inputs(config)?;
     check_host(config)?;
+    let snapshot = match &config.restore_snapshot {
+        Some(dir) => Some(VmSnapshot::read(
+            dir,
+            config.memory_bytes(),
+            usize::from(config.vcpus),
+        )?),
+        None => None,
+    };
     step("inputs checked");
 
     let ram = memory::create(config.memory_bytes())?;
@@ -172,8 +185,18 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     vm.map_memory(&ram.mem)?;
     step("VM created");
-    let images = load_images(config, &ram)?;
-    step("guest loaded");
+    let images = match (&snapshot, &config.restore_snapshot) {
+        (Some(_), Some(dir)) => {
+            snapshot::restore_memory(dir, &ram)?;
+            step("guest memory restored");
+            None
+        }
+        _ => {
+            let images = load_images(config, &ram)?;
+            step("guest loaded");
+            Some(images)
+        }
+    };
 
     let os = |what| move |source| VmmError::Os { what, source };
     let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng)];
@@ -196,8 +219,22 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         virtio.push(Box::new(device));
     }
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
-    let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
-    let kernel_entry = write_boot_data(config, &ram, images, &cmdline)?;
+    let kernel_entry = match images {
+        Some(images) => {
+            let cmdline = format!("{} {}", config.effective_cmdline(), device_params.join(" "));
+            Some(write_boot_data(config, &ram, images, &cmdline)?)
+        }
+        None => None,
+    };
+    if let Some(snapshot) = &snapshot {
+        vm.restore_state(&snapshot.vm)?;
+        mmio.restore(&snapshot.devices).map_err(|e| {
+            VmmError::Snapshot(SnapshotError::State {
+                path: config.restore_snapshot.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })
+        })?;
+    }
     step("devices attached");
 
     let vcpu_count = config.vcpus as u8; // validated: 1..=254
@@ -205,35 +242,127 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     for id in 0..vcpu_count {
         vcpus.push(vm.create_vcpu(id, vcpu_count)?);
     }
-    vcpus[0].set_boot_state(kernel_entry)?;
+    match (&snapshot, kernel_entry) {
+        (Some(snapshot), _) => {
+            for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+                vcpu.restore_state(state)?;
+            }
+        }
+        (None, Some(entry)) => vcpus[0].set_boot_state(entry)?,
+        (None, None) => unreachable!("a VM without a snapshot loads the kernel"),
+    }
     step("vCPUs created");
 
     let (events_tx, events_rx) = channel();
-    let console = ConsoleSink::new(
+    let mut console = ConsoleSink::new(
         open_console(&config.console)?,
         config.ready_marker.as_deref(),
         events_tx.clone(),
     );
+    let snapshot_support = match &config.save_snapshot {
+        Some(_) => {
+            let pause = Arc::new(AtomicBool::new(false));
+            console = console.pause_on(snapshot::MARKER, Arc::clone(&pause));
+            Some(SnapshotSupport {
+                pause,
+                msr_indices: Arc::new(vm.msr_indices()?),
+            })
+        }
+        None => None,
+    };
     let tail = console.tail();
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(os("the serial interrupt eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let devices = Arc::new(LegacyDevices::new(console, serial_irq, events_tx.clone()));
+    let devices = Arc::new(
+        LegacyDevices::new(
+            console,
+            serial_irq,
+            events_tx.clone(),
+            snapshot.as_ref().map(|s| &s.serial),
+        )
+        .map_err(|reason| {
+            VmmError::Snapshot(SnapshotError::State {
+                path: config.restore_snapshot.clone().unwrap_or_default(),
+                reason,
+            })
+        })?,
+    );
 
     install_kick_handler().map_err(os("the vCPU kick signal handler"))?;
-    let threads = VcpuThreads::spawn(vcpus, devices, Arc::new(mmio), events_tx)
-        .map_err(os("the vCPU threads"))?;
+    let mmio = Arc::new(mmio);
+    let threads = VcpuThreads::spawn(
+        vcpus,
+        Arc::clone(&devices),
+        Arc::clone(&mmio),
+        events_tx,
+        snapshot_support,
+    )
+    .map_err(os("the vCPU threads"))?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        restored = snapshot.is_some(),
         "vCPUs started"
     );
 
-    let result = wait_for_stop(config, &events_rx, &tail, started);
-    threads.stop(VCPU_STOP_PATIENCE);
+    let result = match wait_for_stop(config, &events_rx, &tail, started) {
+        Ok(Waited::Stopped(outcome)) => {
+            threads.stop(VCPU_STOP_PATIENCE);
+            Ok(outcome)
+        }
+        Ok(Waited::SnapshotRequested) => {
+            let saved = save_snapshot(config, &vm, &ram, threads, &devices, &mmio);
+            saved.map(|()| Outcome {
+                reason: StopReason::SnapshotSaved,
+                ready_after: None,
+                console_tail: tail_text(&tail),
+            })
+        }
+        Err(e) => {
+            threads.stop(VCPU_STOP_PATIENCE);
+            Err(e)
+        }
+    };
     // `vm` and `ram` outlive the vCPU threads: dropped only here.
     drop(vm);
     drop(ram);
     result
+}
+
+/// Pauses the vCPUs and writes the whole VM to `config.save_snapshot`.
+fn save_snapshot(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    threads: VcpuThreads,
+    devices: &LegacyDevices,
+    mmio: &MmioBus,
+) -> Result<(), VmmError> {
+    let dir = config.save_snapshot.clone().unwrap_or_default();
+    let failed = |reason: String| {
+        VmmError::Snapshot(SnapshotError::State {
+            path: dir.clone(),
+            reason,
+        })
+    };
+    let started = Instant::now();
+    let vcpus = threads.pause(VCPU_STOP_PATIENCE).map_err(failed)?;
+    let vm_state = vm.save_state()?;
+    let transports = mmio.states().map_err(|e| failed(e.to_string()))?;
+    let snapshot = VmSnapshot::new(
+        config.memory_bytes(),
+        vcpus,
+        vm_state,
+        devices.serial_state(),
+        transports,
+    );
+    snapshot.write(&dir, ram)?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        dir = %dir.display(),
+        "snapshot saved"
+    );
+    Ok(())
 }
 
 /// Cheap checks on the input files, before any memory is allocated.
@@ -377,12 +506,20 @@ fn open_console(spec: &ConsoleSpec) -> Result<Option<Box<dyn Write + Send>>, Vmm
 }
 
 /// Waits for the guest to stop, enforcing the boot deadline until it is ready.
+/// What [`wait_for_stop`] saw end the wait.
+enum Waited {
+    /// The VM stopped.
+    Stopped(Outcome),
+    /// A template boot's guest rang the doorbell.
+    SnapshotRequested,
+}
+
 fn wait_for_stop(
     config: &VmConfig,
     events: &Receiver<VmEvent>,
     tail: &SharedTail,
     started: Instant,
-) -> Result<Outcome, VmmError> {
+) -> Result<Waited, VmmError> {
     let deadline = config.boot_deadline().map(|d| started + d);
     let mut ready_after = None;
     loop {
@@ -408,12 +545,13 @@ fn wait_for_stop(
                 tracing::info!(ms = after.as_millis() as u64, "guest ready");
                 ready_after = Some(after);
             }
+            VmEvent::SnapshotRequested => return Ok(Waited::SnapshotRequested),
             VmEvent::Stop(reason) => {
-                return Ok(Outcome {
+                return Ok(Waited::Stopped(Outcome {
                     reason,
                     ready_after,
                     console_tail: tail_text(tail),
-                })
+                }))
             }
         }
     }

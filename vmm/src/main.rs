@@ -21,7 +21,8 @@ Logs go to stderr; set BULKHEAD_LOG (e.g. info, debug) for more.";
 struct Cli {
     /// Read the whole configuration from this JSON file (same fields as the flags:
     /// kernel, initrd, cmdline, memory, vcpus, console, boot_timeout, ready_marker,
-    /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path}).
+    /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path},
+    /// save_snapshot, restore_snapshot).
     #[arg(long, exclusive = true, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -72,6 +73,15 @@ struct Cli {
     /// The host Unix socket of the hybrid vsock device; needs --vsock-cid.
     #[arg(long, value_name = "PATH", requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
+
+    /// Template boot: save the VM into DIR when the guest says it is ready
+    /// (the kernel gets bulkhead.template=1), then exit 0.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore_snapshot")]
+    save_snapshot: Option<PathBuf>,
+
+    /// Resume the VM saved in DIR instead of booting the kernel.
+    #[arg(long, value_name = "DIR")]
+    restore_snapshot: Option<PathBuf>,
 }
 
 impl Cli {
@@ -92,6 +102,8 @@ impl Cli {
             ready_marker: self.ready_marker,
             assume_pvm_guest: self.assume_pvm_guest,
             fs: self.fs,
+            save_snapshot: self.save_snapshot,
+            restore_snapshot: self.restore_snapshot,
             vsock: self
                 .vsock_cid
                 .zip(self.vsock_uds)

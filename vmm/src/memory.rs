@@ -41,6 +41,9 @@ pub struct GuestRam {
     pub mem: GuestMemoryMmap,
     /// Where RAM is in the guest's physical address space.
     pub ranges: Vec<RamRange>,
+    /// The memfd behind all of it, RAM ranges laid out one after another
+    /// (what a snapshot saves and restores).
+    pub memfd: File,
 }
 
 impl GuestRam {
@@ -76,7 +79,11 @@ pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     for region in mem.iter() {
         advise_huge_pages(region.as_ptr(), region.len() as usize);
     }
-    Ok(GuestRam { mem, ranges })
+    Ok(GuestRam {
+        mem,
+        ranges,
+        memfd: file,
+    })
 }
 
 /// Asks for transparent huge pages on guest RAM.

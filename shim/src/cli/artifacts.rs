@@ -61,6 +61,7 @@ impl Artifacts {
             boot_timeout,
             virtiofsd_cache: config.virtiofsd_cache.as_str(),
             debug_console: config.debug_console,
+            vm_templates: config.vm_templates,
         }
     }
 }

@@ -302,25 +302,7 @@ pub fn first_signal() -> impl std::future::Future<Output = i32> {
     }
 }
 
-/// `n` random bytes as hex, for ids: from getrandom(2), which blocks only
-/// until the kernel's pool is initialised.
+/// `n` random bytes as hex, for ids.
 pub fn random_hex(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    let mut filled = 0;
-    while filled < n {
-        // SAFETY: getrandom(2) writes at most `n - filled` bytes into the
-        // buffer's tail, which we own and which is that long.
-        let got = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), n - filled, 0) };
-        if got > 0 {
-            filled += got as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // Never seen on Linux >= 3.17; the pid and time still differ per run.
-            let fallback = format!("{}{:?}", std::process::id(), std::time::SystemTime::now());
-            for (i, b) in fallback.bytes().enumerate() {
-                bytes[i % n] ^= b;
-            }
-            break;
-        }
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::random::hex(n)
 }

@@ -10,6 +10,7 @@
 
 mod dir;
 mod processes;
+pub mod templates;
 mod vsock;
 
 use std::path::{Path, PathBuf};
@@ -17,10 +18,12 @@ use std::time::Duration;
 
 use bulkhead_protocol::agent::{CheckRequest, ShutdownRequest};
 use bulkhead_protocol::agent_ttrpc::AgentClient;
-use bulkhead_protocol::stream::{StreamAck, StreamHeader, READY_LINE_PREFIX};
+use bulkhead_protocol::stream::{
+    BootFacts, StreamAck, StreamHeader, BOOT_ACK_LINE, READY_LINE_PREFIX,
+};
 use bulkhead_protocol::{ttrpc, AGENT_STREAM_PORT, AGENT_TTRPC_PORT, HOST_READY_PORT};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
@@ -171,6 +174,8 @@ pub struct SandboxConfig {
     pub virtiofsd_cache: &'static str,
     /// The guest kernel logs verbosely to the console log.
     pub debug_console: bool,
+    /// Start from a VM template (see [`templates`]) rather than a kernel boot.
+    pub vm_templates: bool,
 }
 
 /// A connection to a sandbox's agent: its RPC client and the hybrid vsock
@@ -268,88 +273,98 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Starts a sandbox whose share holds `shares` (name inside the share,
-    /// host directory), bind-mounted read-write.
+    /// host directory), bind-mounted read-write: from a VM template when the
+    /// config allows it (made first if missing), else by booting the kernel.
+    /// A template that fails to resume is discarded and the kernel booted.
     pub async fn start(
         config: &SandboxConfig,
         shares: &[(&str, &Path)],
     ) -> Result<Sandbox, SandboxError> {
         bulkhead_protocol::validate_id(&config.id)
             .map_err(|e| SandboxError::Agent(format!("invalid sandbox id: {e}")))?;
+        if config.vm_templates {
+            match templates::ensure(config).await {
+                Ok(template) => match Self::launch(config, shares, Some(&template)).await {
+                    Ok(sandbox) => return Ok(sandbox),
+                    Err(
+                        e @ (SandboxError::VmGone { .. }
+                        | SandboxError::Vsock { .. }
+                        | SandboxError::BootTimeout { .. }
+                        | SandboxError::Agent(_)),
+                    ) => {
+                        tracing::warn!(
+                            sandbox = %config.id,
+                            template = %template.display(),
+                            "the VM template did not resume, so it is discarded and the kernel booted: {e}"
+                        );
+                        templates::discard(&template);
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(e) => tracing::warn!(
+                    sandbox = %config.id,
+                    "no VM template, booting the kernel: {e}"
+                ),
+            }
+        }
+        Self::launch(config, shares, None).await
+    }
+
+    /// Makes the sandbox directory, starts virtiofsd and the VMM (resuming
+    /// `template` if given) and waits for the agent.
+    async fn launch(
+        config: &SandboxConfig,
+        shares: &[(&str, &Path)],
+        template: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let started = std::time::Instant::now();
         let step = |what: &str| tracing::info!(sandbox = %config.id, ms = started.elapsed().as_millis() as u64, "{what}");
         let mut dir = SandboxDir::create(&config.run_root, &config.id)?;
         for (name, source) in shares {
             dir.bind_into_share(source, name)?;
         }
-        let virtiofsd_socket = dir.file("virtiofsd.sock");
-        let mut virtiofsd = start_virtiofsd(
-            &config.virtiofsd,
-            &dir.shared(),
-            &virtiofsd_socket,
-            &dir.file("virtiofsd.log"),
-            config.virtiofsd_cache,
-        )?;
-        let vsock_uds = dir.file("vsock.sock");
-        let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
-        let ready_listener =
-            UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
-                what: "listen on",
-                path: ready_path.clone(),
-                source,
-            })?;
-
-        let vm_config = serde_json::json!({
-            "kernel": config.kernel,
-            "initrd": config.initrd,
-            "memory": config.memory_mib,
-            "vcpus": config.vcpus,
-            "console": dir.file("console.log"),
-            "debug_console": config.debug_console,
-            "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
-            "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds},
-        });
-        let vm_config_path = dir.file("vm.json");
-        std::fs::write(&vm_config_path, vm_config.to_string()).map_err(|source| {
-            SandboxError::Io {
-                what: "write",
-                path: vm_config_path.clone(),
-                source,
+        let mut vm = VmProcesses::start(config, &dir, |vm_config| {
+            if let Some(template) = template {
+                vm_config["restore_snapshot"] = template.to_string_lossy().into_owned().into();
             }
         })?;
-        let mut cmd = Command::new(&config.vmm);
-        cmd.arg("--config").arg(&vm_config_path);
-        let mut vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
-        // For `force_remove` after a crash of this process.
-        vmm.write_pid_file(&dir.file("vmm.pid"));
-        virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));
-
-        step("virtiofsd and bulkhead-vmm started");
+        if template.is_some() {
+            step("virtiofsd and bulkhead-vmm started, resuming a VM template");
+            let patience = config.boot_timeout.min(templates::RESUME_TIMEOUT);
+            if let Err(e) = templates::resume(&mut vm, &dir, patience).await {
+                vm.vmm.stop(Duration::ZERO).await;
+                vm.virtiofsd.stop(Duration::from_secs(2)).await;
+                return Err(e);
+            }
+            step("VM resumed");
+        } else {
+            step("virtiofsd and bulkhead-vmm started, booting");
+        }
         let ready = wait_ready(
-            &ready_listener,
-            &mut vmm,
-            &mut virtiofsd,
+            &vm.ready_listener,
+            &mut vm.vmm,
+            &mut vm.virtiofsd,
             &dir,
             config.boot_timeout,
         )
         .await;
-        let ready = match ready {
+        let (ready, agent_version) = match ready {
             Ok(r) => r,
             Err(e) => {
-                vmm.stop(Duration::ZERO).await;
-                virtiofsd.stop(Duration::from_secs(2)).await;
+                vm.vmm.stop(Duration::ZERO).await;
+                vm.virtiofsd.stop(Duration::from_secs(2)).await;
                 return Err(e);
             }
         };
-        let (ready, agent_version) = ready;
         step("agent ready");
 
-        let connection = AgentConnection::connect(&vsock_uds).await?;
+        let connection = AgentConnection::connect(&vm.vsock_uds).await?;
         step("agent connected");
         Ok(Sandbox {
             id: config.id.clone(),
             dir,
-            vmm,
-            virtiofsd,
+            vmm: vm.vmm,
+            virtiofsd: vm.virtiofsd,
             _ready: ready,
             connection,
             agent_version,
@@ -434,6 +449,106 @@ impl Sandbox {
     }
 }
 
+/// A sandbox's two host processes and the sockets between them, just started.
+struct VmProcesses {
+    vmm: HostProcess,
+    virtiofsd: HostProcess,
+    vsock_uds: PathBuf,
+    ready_listener: UnixListener,
+}
+
+impl VmProcesses {
+    /// Starts virtiofsd on `dir`'s share and bulkhead-vmm with the VM config
+    /// that `config` describes, after `adjust` had its say on it (a template
+    /// boot or a resume add their field).
+    fn start(
+        config: &SandboxConfig,
+        dir: &SandboxDir,
+        adjust: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<VmProcesses, SandboxError> {
+        let virtiofsd_socket = dir.file("virtiofsd.sock");
+        let virtiofsd = start_virtiofsd(
+            &config.virtiofsd,
+            &dir.shared(),
+            &virtiofsd_socket,
+            &dir.file("virtiofsd.log"),
+            config.virtiofsd_cache,
+        )?;
+        let vsock_uds = dir.file("vsock.sock");
+        let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
+        let ready_listener =
+            UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
+                what: "listen on",
+                path: ready_path.clone(),
+                source,
+            })?;
+        let mut vm_config = serde_json::json!({
+            "kernel": config.kernel,
+            "initrd": config.initrd,
+            "memory": config.memory_mib,
+            "vcpus": config.vcpus,
+            "console": dir.file("console.log"),
+            "debug_console": config.debug_console,
+            "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
+            "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds},
+        });
+        adjust(&mut vm_config);
+        let vm_config_path = dir.file("vm.json");
+        // On any error below, dropping `virtiofsd` kills it.
+        std::fs::write(&vm_config_path, vm_config.to_string()).map_err(|source| {
+            SandboxError::Io {
+                what: "write",
+                path: vm_config_path.clone(),
+                source,
+            }
+        })?;
+        let mut cmd = Command::new(&config.vmm);
+        cmd.arg("--config").arg(&vm_config_path);
+        let vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
+        // For `force_remove` after a crash of this process.
+        vmm.write_pid_file(&dir.file("vmm.pid"));
+        virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));
+        Ok(VmProcesses {
+            vmm,
+            virtiofsd,
+            vsock_uds,
+            ready_listener,
+        })
+    }
+}
+
+/// Sends the agent the host's clock and a fresh seed, and waits for it to
+/// have applied them: a resumed template must not run a single request on the
+/// template's clock and random state.
+async fn send_boot_facts(stream: &mut UnixStream) -> Result<(), SandboxError> {
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let facts = BootFacts {
+        unix_time,
+        seed: crate::random::bytes::<32>(),
+    };
+    let exchange = async {
+        stream.write_all(facts.to_line().as_bytes()).await?;
+        let mut ack = [0u8; BOOT_ACK_LINE.len()];
+        stream.read_exact(&mut ack).await?;
+        Ok::<_, std::io::Error>(ack)
+    };
+    match tokio::time::timeout(RPC_TIMEOUT, exchange).await {
+        Ok(Ok(ack)) if ack == BOOT_ACK_LINE.as_bytes() => Ok(()),
+        Ok(Ok(ack)) => Err(SandboxError::Agent(format!(
+            "bad answer to the boot line: {:?}",
+            String::from_utf8_lossy(&ack)
+        ))),
+        Ok(Err(e)) => Err(SandboxError::Agent(format!(
+            "the agent did not take the boot line: {e}"
+        ))),
+        Err(_) => Err(SandboxError::Agent(
+            "the agent did not acknowledge the boot line in time".into(),
+        )),
+    }
+}
+
 /// Waits for the agent's connection on the ready port and its hello line,
 /// failing early if the VMM exits and late if the deadline passes.
 async fn wait_ready(
@@ -457,7 +572,9 @@ async fn wait_ready(
                     return Err(SandboxError::Agent(format!("bad hello on the ready port: {line:?}")));
                 }
                 let version = line[READY_LINE_PREFIX.len()..].trim().to_owned();
-                return Ok((reader.into_inner(), version));
+                let mut stream = reader.into_inner();
+                send_boot_facts(&mut stream).await?;
+                return Ok((stream, version));
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
                 // virtiofsd first: when it fails the VMM follows, and its own

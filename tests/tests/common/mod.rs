@@ -291,9 +291,28 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Fails unless no process named in `processes` runs, nothing is left under
-/// /run/bulkhead and nothing is mounted there: what every sandbox test checks
-/// after itself.
+/// What is under /run/bulkhead besides the VM templates (a cache meant to
+/// stay): sandbox directories, and a template's staging directory or its
+/// maker's sandbox, none of which may outlive the sandbox that made them.
+pub fn run_dir_leftovers() -> Vec<String> {
+    use bulkhead::sandbox::templates::TEMPLATES_DIR;
+    let run = Path::new("/run/bulkhead");
+    let mut left: Vec<String> = listing(run)
+        .into_iter()
+        .filter(|n| n != TEMPLATES_DIR)
+        .collect();
+    left.extend(
+        listing(&run.join(TEMPLATES_DIR))
+            .into_iter()
+            .filter(|n| n.ends_with(".staging"))
+            .map(|n| format!("{TEMPLATES_DIR}/{n}")),
+    );
+    left
+}
+
+/// Fails unless no process named in `processes` runs, nothing but the VM
+/// templates is left under /run/bulkhead and nothing is mounted there: what
+/// every sandbox test checks after itself.
 pub fn nothing_left(processes: &[&str]) -> Result<(), libtest_mimic::Failed> {
     for name in processes {
         let left = processes_named(name);
@@ -301,7 +320,7 @@ pub fn nothing_left(processes: &[&str]) -> Result<(), libtest_mimic::Failed> {
             return Err(format!("{name} processes left: {left:?}").into());
         }
     }
-    let run_dir = listing(Path::new("/run/bulkhead"));
+    let run_dir = run_dir_leftovers();
     if !run_dir.is_empty() {
         return Err(format!("left under /run/bulkhead: {run_dir:?}").into());
     }

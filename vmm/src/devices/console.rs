@@ -116,6 +116,8 @@ pub struct ConsoleSink {
     ready: Option<StreamMatcher>,
     panic: StreamMatcher,
     panicked: Arc<std::sync::atomic::AtomicBool>,
+    /// A template boot's snapshot marker, and the flag that pauses the vCPUs.
+    snapshot: Option<(StreamMatcher, Arc<std::sync::atomic::AtomicBool>)>,
     events: Sender<VmEvent>,
 }
 
@@ -132,8 +134,17 @@ impl ConsoleSink {
             ready: ready_marker.map(|m| StreamMatcher::new(m.as_bytes())),
             panic: StreamMatcher::new(PANIC_MESSAGE),
             panicked: Arc::default(),
+            snapshot: None,
             events,
         }
+    }
+
+    /// Makes the sink raise `pause` (and report it) when the guest prints
+    /// `marker`: the vCPU that wrote the last byte then stops before it runs
+    /// another instruction.
+    pub fn pause_on(mut self, marker: &str, pause: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.snapshot = Some((StreamMatcher::new(marker.as_bytes()), pause));
+        self
     }
 
     /// The shared tail, for error reports.
@@ -167,6 +178,12 @@ impl Write for ConsoleSink {
         if self.panic.feed(buf) {
             self.panicked
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Some((marker, pause)) = self.snapshot.as_mut() {
+            if marker.feed(buf) {
+                pause.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = self.events.send(VmEvent::SnapshotRequested);
+            }
         }
         Ok(buf.len())
     }
@@ -210,6 +227,20 @@ mod tests {
         assert!(m.feed(b"ADYyy"));
         assert!(!m.feed(b"READY"));
         assert!(m.found());
+    }
+
+    #[test]
+    fn snapshot_marker_raises_the_pause_flag_once() {
+        let (tx, rx) = channel();
+        let pause = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut sink = ConsoleSink::new(None, None, tx).pause_on("SAVE ME", Arc::clone(&pause));
+        sink.write_all(b"SAVE").unwrap();
+        assert!(!pause.load(std::sync::atomic::Ordering::SeqCst));
+        sink.write_all(b" ME\n").unwrap();
+        assert!(pause.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(matches!(rx.try_recv(), Ok(VmEvent::SnapshotRequested)));
+        sink.write_all(b"SAVE ME").unwrap();
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

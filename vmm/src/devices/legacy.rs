@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,6 +59,56 @@ impl Trigger for ResetTrigger {
     }
 }
 
+/// The UART's registers in a snapshot (vm-superio's `SerialState`, which has
+/// no serde of its own).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The port-I/O bus: COM1 and the i8042; other ports read as 0xff (no device).
 pub struct LegacyDevices {
     serial: Mutex<Serial<IrqFdTrigger, NoEvents, ConsoleSink>>,
@@ -65,13 +116,34 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Wires the console to `serial_irq` and the i8042 reset to `events`.
-    pub fn new(console: ConsoleSink, serial_irq: EventFd, events: Sender<VmEvent>) -> Self {
+    /// Wires the console to `serial_irq` and the i8042 reset to `events`; the
+    /// UART starts in `serial` (a snapshot's) if given, else at power-on.
+    pub fn new(
+        console: ConsoleSink,
+        serial_irq: EventFd,
+        events: Sender<VmEvent>,
+        serial: Option<&SerialSnapshot>,
+    ) -> Result<Self, String> {
         let panicked = console.panicked();
-        LegacyDevices {
-            serial: Mutex::new(Serial::new(IrqFdTrigger(serial_irq), console)),
+        let trigger = IrqFdTrigger(serial_irq);
+        let serial = match serial {
+            Some(state) => Serial::from_state(&state.into(), trigger, NoEvents, console)
+                .map_err(|e| format!("the snapshot's serial port state: {e:?}"))?,
+            None => Serial::new(trigger, console),
+        };
+        Ok(LegacyDevices {
+            serial: Mutex::new(serial),
             i8042: Mutex::new(I8042Device::new(ResetTrigger { events, panicked })),
-        }
+        })
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn serial_state(&self) -> SerialSnapshot {
+        self.serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .state()
+            .into()
     }
 
     /// Handles an `in` from the guest.
@@ -127,7 +199,7 @@ mod tests {
         let (tx, rx) = channel();
         let sink = ConsoleSink::new(None, None, tx.clone());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (LegacyDevices::new(sink, irq, tx), rx)
+        (LegacyDevices::new(sink, irq, tx, None).unwrap(), rx)
     }
 
     #[test]
@@ -156,7 +228,7 @@ mod tests {
         let sink = ConsoleSink::new(None, Some("marker"), tx.clone());
         let tail = sink.tail();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let d = LegacyDevices::new(sink, irq, tx);
+        let d = LegacyDevices::new(sink, irq, tx, None).unwrap();
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = || {
             // xorshift64: deterministic, so a failure reproduces.
@@ -199,7 +271,7 @@ mod tests {
         let sink = ConsoleSink::new(None, None, tx.clone());
         let tail = sink.tail();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let d = LegacyDevices::new(sink, irq, tx);
+        let d = LegacyDevices::new(sink, irq, tx, None).unwrap();
         for b in b"hi\n" {
             d.pio_write(COM1_BASE, &[*b]);
         }

@@ -2,7 +2,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use super::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE};
+use super::virtio::mmio::{MmioTransport, TransportState, TransportStateError, MMIO_DEVICE_SIZE};
 
 /// The virtio-mmio devices, one window each, in address order.
 #[derive(Default)]
@@ -29,6 +29,30 @@ impl MmioBus {
     }
 
     /// Handles a guest read; unclaimed addresses read as zero.
+    /// Every transport's state, in address order, for a snapshot.
+    pub fn states(&self) -> Result<Vec<TransportState>, TransportStateError> {
+        self.slots
+            .iter()
+            .map(|(_, t)| t.lock().unwrap_or_else(PoisonError::into_inner).state())
+            .collect()
+    }
+
+    /// Puts every transport into a snapshot's state (same devices, same order).
+    pub fn restore(&self, states: &[TransportState]) -> Result<(), TransportStateError> {
+        if states.len() != self.slots.len() {
+            return Err(TransportStateError::WrongDevice {
+                expected: "the same number of devices",
+                found: format!("{} devices", states.len()),
+            });
+        }
+        for ((_, t), state) in self.slots.iter().zip(states) {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .restore(state)?;
+        }
+        Ok(())
+    }
+
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr, data.len()) {
             Some((slot, offset)) => slot

@@ -3,6 +3,7 @@
 //! The rest of the VMM sees [`Vm`], [`Vcpu`] and [`VcpuExit`]; another backend
 //! (Hypervisor.framework, WHP) would provide the same shapes.
 
+mod state;
 mod vcpu;
 mod vm;
 
@@ -11,6 +12,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
+pub use state::{VcpuState, VmState};
 pub use vcpu::{Vcpu, VcpuExit};
 pub use vm::Vm;
 

@@ -41,8 +41,8 @@ pub enum VcpuExit<'a> {
 
 /// A vCPU file descriptor and its id.
 pub struct Vcpu {
-    fd: VcpuFd,
-    id: u8,
+    pub(super) fd: VcpuFd,
+    pub(super) id: u8,
 }
 
 impl Vcpu {
@@ -58,7 +58,7 @@ impl Vcpu {
         self.id
     }
 
-    fn op(&self, what: &str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    pub(super) fn op(&self, what: &str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
         KvmError::new(format!("{what} of vCPU {}", self.id))
     }
 

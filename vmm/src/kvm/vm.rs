@@ -21,8 +21,8 @@ const REQUIRED_CAPS: [(Cap, &str); 7] = [
 
 /// One KVM virtual machine.
 pub struct Vm {
-    kvm: Kvm,
-    fd: VmFd,
+    pub(super) kvm: Kvm,
+    pub(super) fd: VmFd,
 }
 
 impl Vm {

@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -42,6 +43,107 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     activated: bool,
+    /// The queues as the driver set them up, kept at activation (the queues
+    /// themselves move to the device) for a snapshot.
+    activated_queues: Vec<QueueState>,
+}
+
+/// One queue in a snapshot: the driver's setup and the ring positions.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    event_idx: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    next_avail: u16,
+    next_used: u16,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            event_idx: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            event_idx_enabled: q.event_idx,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+        }
+    }
+}
+
+/// A transport's registers and queues in a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransportState {
+    /// The device's name: a snapshot restores onto the same device layout.
+    pub device: String,
+    status: u32,
+    acked_features: u64,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    interrupt_status: u32,
+    activated: bool,
+    queues: Vec<QueueSnapshot>,
+}
+
+/// Why a transport could not be snapshotted or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    /// The snapshot was taken of a different device.
+    #[error("the snapshot has device {found:?} where this VM has {expected:?}")]
+    WrongDevice {
+        /// This VM's device.
+        expected: &'static str,
+        /// The snapshot's.
+        found: String,
+    },
+    /// A queue in the snapshot is not valid for this device or memory.
+    #[error("virtio {device}: queue {queue} of the snapshot is not valid: {reason}")]
+    BadQueue {
+        /// The device.
+        device: &'static str,
+        /// The queue index.
+        queue: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The used ring could not be read from guest memory.
+    #[error("virtio {device}: cannot read the used ring of queue {queue}")]
+    UsedRing {
+        /// The device.
+        device: &'static str,
+        /// The queue index.
+        queue: usize,
+    },
+    /// Re-activating the device on restore failed.
+    #[error("virtio {device}: the restored device did not start")]
+    Activate {
+        /// The device.
+        device: &'static str,
+    },
 }
 
 impl MmioTransport {
@@ -72,7 +174,103 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             activated: false,
+            activated_queues: Vec::new(),
         })
+    }
+
+    /// The transport's state for a snapshot. The device must be quiescent:
+    /// every buffer it took from a queue already returned (true of our
+    /// devices between requests, and of the vsock device with no connection),
+    /// so that the used ring's index is where both ring positions stand.
+    pub fn state(&self) -> Result<TransportState, TransportStateError> {
+        let device = self.name();
+        let queues = if self.activated {
+            self.activated_queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    // The used ring's idx field follows its 16-bit flags.
+                    let used_idx: u16 = self
+                        .mem
+                        .read_obj(GuestAddress(q.used_ring + 2))
+                        .map_err(|_| TransportStateError::UsedRing { device, queue: i })?;
+                    let mut q = QueueSnapshot::from(*q);
+                    q.next_avail = used_idx;
+                    q.next_used = used_idx;
+                    Ok(q)
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        Ok(TransportState {
+            device: device.to_owned(),
+            status: self.status,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues,
+        })
+    }
+
+    /// Puts a fresh transport into a snapshot's `state`, and starts its device
+    /// if it was running then. Everything in `state` is checked as if the guest
+    /// had written it (a snapshot file is input like any other).
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportStateError> {
+        let device = self.name();
+        if state.device != device {
+            return Err(TransportStateError::WrongDevice {
+                expected: device,
+                found: state.device.clone(),
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(TransportStateError::BadQueue {
+                device,
+                queue: state.queues.len(),
+                reason: format!("the device has {} queues", self.queues.len()),
+            });
+        }
+        let max_sizes = self.device.queue_max_sizes().to_vec();
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (q, max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            let bad = |reason: String| TransportStateError::BadQueue {
+                device,
+                queue: i,
+                reason,
+            };
+            if q.max_size != max {
+                return Err(bad(format!("max size {} is not {max}", q.max_size)));
+            }
+            let queue = Queue::try_from(QueueState::from(*q)).map_err(|e| bad(e.to_string()))?;
+            if state.activated && !queue.is_valid(&self.mem) {
+                return Err(bad("its rings are not in guest memory".into()));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.acked_features = state.acked_features & self.device.features();
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.set(state.interrupt_status);
+        if state.activated {
+            self.activate();
+            if !self.activated {
+                return Err(TransportStateError::Activate { device });
+            }
+            // A request the guest queued just before the snapshot was notified
+            // to the old VMM; let the device look at every queue once.
+            for evt in &self.queue_events {
+                let _ = evt.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// The device's name, for logs.
@@ -234,6 +432,7 @@ impl MmioTransport {
                 return;
             }
         };
+        self.activated_queues = self.queues.iter().map(Queue::state).collect();
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             queues: std::mem::take(&mut self.queues),

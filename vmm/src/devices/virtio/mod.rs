@@ -81,6 +81,12 @@ impl Interrupt {
     }
 
     /// The driver acknowledged these bits (InterruptACK register).
+    /// Sets status bits without raising the interrupt line (a restored
+    /// snapshot's pending bits: the restored irqchip holds the line's state).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }

@@ -103,7 +103,8 @@ impl VhostUserFs {
                 log_addr: None,
             };
             self.frontend.set_vring_addr(i, &config)?;
-            self.frontend.set_vring_base(i, 0)?;
+            // A restored snapshot's queue resumes where it stood.
+            self.frontend.set_vring_base(i, queue.next_avail())?;
             self.frontend.set_vring_call(i, &calls[i])?;
             self.frontend.set_vring_kick(i, &ctx.queue_events[i])?;
             if protocol != 0 {

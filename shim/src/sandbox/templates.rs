@@ -1,0 +1,250 @@
+//! VM templates on the host: `run_root/.templates/<key>/`, one per VM shape.
+//!
+//! The key covers everything the saved VM depends on: the kernel, initrd,
+//! VMM and virtiofsd files (path, size and modification time), the vCPU count,
+//! the memory size and the console verbosity. A template is made by booting a
+//! VM with `save_snapshot` (bulkhead-vmm stops it when the agent rings the
+//! snapshot doorbell and writes it out), in a staging directory renamed into
+//! place when complete, under a per-key lock so that concurrent sandboxes make
+//! it once. The directory lives on the run root's tmpfs: resuming reads it
+//! from memory, and a reboot (which may bring a new kernel) forgets it.
+
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulkhead_protocol::AGENT_RESUME_PORT;
+
+use super::{tail, SandboxConfig, SandboxDir, SandboxError, VmProcesses, TAIL_LINES};
+
+/// The templates' directory under the run root (a dot name: no sandbox id).
+pub const TEMPLATES_DIR: &str = ".templates";
+
+/// The most a resume may take before the template is given up for a boot:
+/// under emulation it takes about half a second, on hardware milliseconds.
+pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bumped when what a template holds changes meaning (the agent's template
+/// protocol, the VMM's snapshot format).
+const TEMPLATE_GENERATION: u32 = 1;
+
+/// The template directory for `config`'s VM shape, made first if missing.
+pub async fn ensure(config: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    let root = config.run_root.join(TEMPLATES_DIR);
+    let key = key(config)?;
+    let dir = root.join(&key);
+    if is_complete(&dir) {
+        return Ok(dir);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .map_err(|source| SandboxError::Io {
+            what: "create",
+            path: root.clone(),
+            source,
+        })?;
+    let lock_path = root.join(format!("{key}.lock"));
+    let lock = lock_exclusive(&lock_path).await?;
+    if is_complete(&dir) {
+        return Ok(dir);
+    }
+    let staging = Staging::create(root.join(format!("{key}.staging")))?;
+    let started = Instant::now();
+    make(config, &key, &staging.0).await?;
+    staging.commit(&dir)?;
+    tracing::info!(
+        template = %dir.display(),
+        ms = started.elapsed().as_millis() as u64,
+        "VM template made"
+    );
+    drop(lock);
+    Ok(dir)
+}
+
+/// A template being made: removed unless committed, also when the making is
+/// abandoned halfway (the caller's future dropped on a signal).
+struct Staging(PathBuf);
+
+impl Staging {
+    fn create(path: PathBuf) -> Result<Staging, SandboxError> {
+        // What a maker that died left behind.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).map_err(|source| SandboxError::Io {
+            what: "create",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Staging(path))
+    }
+
+    fn commit(self, dir: &Path) -> Result<(), SandboxError> {
+        std::fs::rename(&self.0, dir).map_err(|source| SandboxError::Io {
+            what: "rename into place",
+            path: self.0.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // After a commit the path is gone and this does nothing.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Gives a VM resumed from a template the go: its agent waits for a connection
+/// on the resume port (the template was saved in that wait). Retried until the
+/// VMM's vsock socket takes it, for at most `timeout`; fails at once if the
+/// VMM exits (a snapshot it could not restore).
+pub(super) async fn resume(
+    vm: &mut VmProcesses,
+    dir: &SandboxDir,
+    timeout: Duration,
+) -> Result<(), SandboxError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = super::vsock::connect(&vm.vsock_uds, AGENT_RESUME_PORT, timeout).await;
+        match attempt {
+            Ok(go) => {
+                drop(go);
+                return Ok(());
+            }
+            Err(e) => {
+                if let Some(status) = vm.vmm.try_exit() {
+                    return Err(SandboxError::VmGone {
+                        status,
+                        vmm_tail: vm.vmm.log_tail(TAIL_LINES),
+                        console_tail: tail(&dir.file("console.log"), TAIL_LINES),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
+                // The VMM is still building the VM (its vsock socket is not there yet).
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+/// Removes a template that failed to resume, so the next sandbox remakes it.
+pub fn discard(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(template = %dir.display(), "cannot remove the VM template: {e}");
+    }
+}
+
+fn is_complete(dir: &Path) -> bool {
+    dir.join("state.json").is_file() && dir.join("memory").is_file()
+}
+
+/// The template key of `config`: a hash of what the saved VM depends on.
+fn key(config: &SandboxConfig) -> Result<String, SandboxError> {
+    // SipHash with fixed keys: stable for a given build, which is all a cache
+    // on tmpfs needs (the VMM's own size and mtime are part of the key).
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    TEMPLATE_GENERATION.hash(&mut h);
+    for file in [
+        &config.kernel,
+        &config.initrd,
+        &config.vmm,
+        &config.virtiofsd,
+    ] {
+        let meta = std::fs::metadata(file).map_err(|source| SandboxError::Io {
+            what: "read the metadata of",
+            path: file.clone(),
+            source,
+        })?;
+        file.hash(&mut h);
+        (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut h);
+    }
+    (config.vcpus, config.memory_mib, config.debug_console).hash(&mut h);
+    Ok(format!(
+        "{}c-{}m-{:016x}",
+        config.vcpus,
+        config.memory_mib,
+        h.finish()
+    ))
+}
+
+/// Boots a template VM for `config`'s shape and lets bulkhead-vmm save it into
+/// `staging`; its sandbox directory is gone afterwards, whatever happened.
+async fn make(config: &SandboxConfig, key: &str, staging: &Path) -> Result<(), SandboxError> {
+    let id = format!(".template-{key}");
+    // A crashed maker's leftovers (its processes died with it: PDEATHSIG).
+    let _ = super::force_remove(&config.run_root, &id);
+    let dir = SandboxDir::create(&config.run_root, &id)?;
+    let staging_text = staging.to_string_lossy().into_owned();
+    let mut vm = VmProcesses::start(config, &dir, |vm_config| {
+        vm_config["save_snapshot"] = staging_text.into();
+    })?;
+    let deadline = Instant::now() + config.boot_timeout;
+    let status = loop {
+        if let Some(status) = vm.vmm.try_exit() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let console_tail = tail(&dir.file("console.log"), TAIL_LINES);
+    let result = match status {
+        Some(_) if is_complete(staging) => Ok(()),
+        Some(status) if status.success() => Err(SandboxError::Agent(format!(
+            "the template VM stopped ({status}) without saving a snapshot; its console ended with:\n{console_tail}"
+        ))),
+        Some(status) => Err(SandboxError::VmGone {
+            status,
+            vmm_tail: vm.vmm.log_tail(TAIL_LINES),
+            console_tail,
+        }),
+        None => {
+            vm.vmm.stop(Duration::ZERO).await;
+            Err(SandboxError::BootTimeout {
+                secs: config.boot_timeout.as_secs(),
+                console_tail,
+            })
+        }
+    };
+    vm.virtiofsd.stop(Duration::from_secs(2)).await;
+    drop(vm);
+    dir.remove()?;
+    result
+}
+
+/// Takes an exclusive flock on `path` (created if missing), waiting for it on
+/// a blocking thread; released when the returned file is dropped.
+async fn lock_exclusive(path: &Path) -> Result<std::fs::File, SandboxError> {
+    let io = |source| SandboxError::Io {
+        what: "lock",
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock on a descriptor this closure owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(file);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    })
+    .await
+    .map_err(|e| io(std::io::Error::other(e)))?
+    .map_err(io)
+}

@@ -1,0 +1,318 @@
+//! VM templates: a whole VM saved at one instant and started again from there.
+//!
+//! A template boot (its kernel command line carries [`TEMPLATE_PARAM`]) runs
+//! the kernel and the agent's setup once; the agent then prints [`MARKER`] on
+//! the console and waits for a host connection that only copies will get. The
+//! vCPU that wrote the marker's last byte stops right there, the others are
+//! kicked out, and the VMM writes the VM here: `state.json` (vCPUs, the
+//! in-kernel irqchip, PIT and clock, the serial port, the virtio transports) and
+//! `memory` (guest RAM as a sparse file: only pages that are not zero). A
+//! restore builds the same VM, reads both back, and the guest resumes where it
+//! stopped as if nothing happened. This is what makes a sandbox start in a
+//! fraction of a boot.
+//!
+//! Everything read back is checked like guest input: a snapshot file is only
+//! trusted as far as the device and memory checks allow.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::devices::legacy::SerialSnapshot;
+use crate::devices::virtio::mmio::TransportState;
+use crate::kvm::{VcpuState, VmState};
+use crate::memory::GuestRam;
+
+/// The kernel parameter that makes a boot a template boot (the agent reads it).
+pub const TEMPLATE_PARAM: &str = "bulkhead.template=1";
+
+/// What the guest prints on the console when it is ready to be saved (the
+/// agent's `template::MARKER`). Only template boots look for it, and their
+/// guest has run nothing but our kernel and agent.
+pub const MARKER: &str = "bulkhead-agent: template ready, save me";
+
+/// Bumped whenever the saved state's meaning changes.
+const FORMAT_VERSION: u32 = 1;
+const STATE_FILE: &str = "state.json";
+const MEMORY_FILE: &str = "memory";
+const PAGE: usize = 4096;
+/// Memory is copied in chunks of this size (one huge page).
+const CHUNK: usize = 2 << 20;
+
+/// Why a snapshot could not be saved or restored.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// A file of the snapshot could not be read or written.
+    #[error("snapshot file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `state.json` is not a snapshot of this format.
+    #[error("snapshot state {path} is unreadable: {reason}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The snapshot is of a different VM shape.
+    #[error("the snapshot in {dir} was taken of {found}, this VM is {expected}")]
+    Mismatch {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// This VM.
+        expected: String,
+        /// The snapshot's VM.
+        found: String,
+    },
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    version: u32,
+    /// Guest RAM size in bytes.
+    pub memory_bytes: u64,
+    /// Each vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, PIT, clock.
+    pub vm: VmState,
+    /// The console UART.
+    pub serial: SerialSnapshot,
+    /// The virtio transports, in MMIO address order.
+    pub devices: Vec<TransportState>,
+}
+
+impl VmSnapshot {
+    /// Puts the parts together.
+    pub fn new(
+        memory_bytes: u64,
+        vcpus: Vec<VcpuState>,
+        vm: VmState,
+        serial: SerialSnapshot,
+        devices: Vec<TransportState>,
+    ) -> Self {
+        VmSnapshot {
+            version: FORMAT_VERSION,
+            memory_bytes,
+            vcpus,
+            vm,
+            serial,
+            devices,
+        }
+    }
+
+    /// Reads `dir/state.json` and checks it describes a VM of `memory_bytes`
+    /// and `vcpus`.
+    pub fn read(dir: &Path, memory_bytes: u64, vcpus: usize) -> Result<Self, SnapshotError> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read(&path).map_err(|source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let snapshot: VmSnapshot =
+            serde_json::from_slice(&text).map_err(|e| SnapshotError::State {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if snapshot.version != FORMAT_VERSION {
+            return Err(SnapshotError::State {
+                path,
+                reason: format!(
+                    "format {} where this VMM reads {FORMAT_VERSION}",
+                    snapshot.version
+                ),
+            });
+        }
+        let shape = |bytes: u64, n: usize| format!("{} MiB with {n} vCPUs", bytes >> 20);
+        let ids_in_order = snapshot
+            .vcpus
+            .iter()
+            .enumerate()
+            .all(|(i, v)| usize::from(v.id) == i);
+        if snapshot.memory_bytes != memory_bytes || snapshot.vcpus.len() != vcpus || !ids_in_order {
+            return Err(SnapshotError::Mismatch {
+                dir: dir.to_owned(),
+                expected: shape(memory_bytes, vcpus),
+                found: shape(snapshot.memory_bytes, snapshot.vcpus.len()),
+            });
+        }
+        Ok(snapshot)
+    }
+
+    /// Writes `dir/state.json` and `dir/memory` (the directory must exist).
+    pub fn write(&self, dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
+        let path = dir.join(STATE_FILE);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let json = serde_json::to_vec(self).map_err(|e| SnapshotError::State {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut file = File::create(&path).map_err(io(&path))?;
+        file.write_all(&json).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        save_memory(&ram.memfd, &dir.join(MEMORY_FILE))
+    }
+}
+
+/// Copies the pages of `memfd` that hold anything but zeros into a sparse
+/// file at `path`, at the same offsets. Unallocated ranges of the memfd are
+/// skipped without reading them (SEEK_DATA), so a mostly empty guest costs
+/// little to save.
+fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let size = memfd.metadata().map_err(io)?.len();
+    let out = File::create(path).map_err(io)?;
+    out.set_len(size).map_err(io)?;
+    let mut buf = vec![0u8; CHUNK];
+    for (start, end) in data_extents(memfd, size).map_err(io)? {
+        let mut offset = start;
+        while offset < end {
+            let len = ((end - offset) as usize).min(CHUNK);
+            memfd.read_exact_at(&mut buf[..len], offset).map_err(io)?;
+            for (i, page) in buf[..len].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    out.write_all_at(page, offset + (i * PAGE) as u64)
+                        .map_err(io)?;
+                }
+            }
+            offset += len as u64;
+        }
+    }
+    out.sync_all().map_err(io)
+}
+
+/// Fills `ram` from the snapshot's memory file: only its data extents are read,
+/// straight into guest memory (the holes are already zero in a fresh memfd).
+pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let io = |source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = File::open(&path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let ram_size: u64 = ram.mem.iter().map(|r| r.len()).sum();
+    if size != ram_size {
+        return Err(SnapshotError::Mismatch {
+            dir: dir.to_owned(),
+            expected: format!("{} MiB of memory", ram_size >> 20),
+            found: format!("a memory file of {size} bytes"),
+        });
+    }
+    for (start, end) in data_extents(&file, size).map_err(io)? {
+        // Each RAM region maps its own stretch of the memfd; copy the part of
+        // the extent each one covers.
+        for region in ram.mem.iter() {
+            let Some(file_offset) = region.file_offset() else {
+                continue;
+            };
+            let (r_start, r_end) = (file_offset.start(), file_offset.start() + region.len());
+            let (from, to) = (start.max(r_start), end.min(r_end));
+            if from >= to {
+                continue;
+            }
+            file.seek(SeekFrom::Start(from)).map_err(io)?;
+            region
+                .read_exact_volatile_from(
+                    MemoryRegionAddress(from - r_start),
+                    &mut file,
+                    (to - from) as usize,
+                )
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The [start, end) ranges of `file` (of `size` bytes) that hold data.
+fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `offset`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut extents = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let Some(start) = seek(offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if end <= start {
+            break;
+        }
+        extents.push((start, end));
+        offset = end;
+    }
+    Ok(extents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_round_trips_and_zero_pages_stay_holes() {
+        let ram = crate::memory::create(32 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let a = vm_memory::GuestAddress(0x10_0000);
+        let b = vm_memory::GuestAddress(0x123_4000);
+        ram.mem.write_slice(b"template", a).unwrap();
+        ram.mem.write_slice(&[0xab; 5000], b).unwrap();
+        // A page that was touched but holds zeros is not worth saving.
+        ram.mem
+            .write_slice(&[0; PAGE], vm_memory::GuestAddress(0x40_0000))
+            .unwrap();
+        save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
+
+        let file = File::open(dir.path().join(MEMORY_FILE)).unwrap();
+        let extents = data_extents(&file, 32 << 20).unwrap();
+        let saved: u64 = extents.iter().map(|(s, e)| e - s).sum();
+        assert!(saved <= 4 * PAGE as u64, "{extents:x?}");
+
+        let restored = crate::memory::create(32 << 20).unwrap();
+        restore_memory(dir.path(), &restored).unwrap();
+        let mut got = [0u8; 8];
+        restored.mem.read_slice(&mut got, a).unwrap();
+        assert_eq!(&got, b"template");
+        let mut got = vec![0u8; 5000];
+        restored.mem.read_slice(&mut got, b).unwrap();
+        assert!(got.iter().all(|&x| x == 0xab));
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_is_refused() {
+        let ram = crate::memory::create(32 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
+        let bigger = crate::memory::create(64 << 20).unwrap();
+        let err = restore_memory(dir.path(), &bigger).unwrap_err();
+        assert!(matches!(err, SnapshotError::Mismatch { .. }), "{err}");
+    }
+}
