@@ -27,9 +27,23 @@ echo BULKHEAD-E2E-READY
 reboot -f
 "#;
 
+/// A guest that asks to be saved, then (only in its restored copy) goes on.
+const SNAPSHOT_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+t=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "TOKEN=$t"
+echo "bulkhead-agent: template ready, save me"
+sleep 1
+echo "AFTER=$t"
+echo BULKHEAD-E2E-READY
+reboot -f
+"#;
+
 fn main() -> ExitCode {
     common::main("vmm_boot", || {
         vec![
+            Trial::test("saves_a_guest_and_resumes_it", saves_a_guest_and_resumes_it),
             Trial::test("boots_one_vcpu_and_powers_off", || {
                 boots(1, 128).map(|_| ())
             }),
@@ -509,4 +523,63 @@ fn rejects_unknown_config_fields() -> Result<(), Failed> {
         "unknown field `memroy`",
         scratch,
     )
+}
+
+/// The token a snapshot test guest printed after `key=`.
+fn token(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+}
+
+fn saves_a_guest_and_resumes_it() -> Result<(), Failed> {
+    let scratch = Scratch::new()?;
+    let kernel = guest_kernel()?;
+    let initrd = scratch.initrd("init.cpio", SNAPSHOT_INIT)?;
+    let snapshot = scratch.path("snapshot");
+    std::fs::create_dir(&snapshot)?;
+    let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    let dir = snapshot.to_string_lossy();
+    let mut save = boot_args(&k, &i, "2", "128");
+    save.extend(["--save-snapshot", &dir]);
+    let saved = run_vmm(&save, RUN_DEADLINE);
+    expect_clean_exit(&saved)?;
+    let before = token(&saved.stdout, "TOKEN")
+        .ok_or_else(|| format!("no token before the snapshot; console:\n{}", saved.stdout))?;
+    // The vCPU that printed the marker stopped right there.
+    if saved.stdout.contains("AFTER=") {
+        return Err(format!("the guest ran on past its snapshot:\n{}", saved.stdout).into());
+    }
+    for file in ["state.json", "memory"] {
+        if !snapshot.join(file).is_file() {
+            return Err(format!("no {file} in the snapshot").into());
+        }
+    }
+
+    let mut restore = boot_args(&k, &i, "2", "128");
+    restore.extend(["--restore-snapshot", &dir]);
+    let resumed = run_vmm(&restore, RUN_DEADLINE);
+    expect_clean_exit(&resumed)?;
+    // Its shell's variables came back with its memory.
+    if token(&resumed.stdout, "AFTER").as_deref() != Some(before.as_str()) {
+        return Err(format!(
+            "the resumed guest did not go on with token {before}; console:\n{}",
+            resumed.stdout
+        )
+        .into());
+    }
+
+    // A snapshot of another shape is refused, saying why.
+    let mut bigger = boot_args(&k, &i, "2", "256");
+    bigger.extend(["--restore-snapshot", &dir]);
+    let refused = run_vmm(&bigger, RUN_DEADLINE);
+    if refused.code() != 1 || !refused.stderr.contains("this VM is 256 MiB") {
+        return Err(format!(
+            "a 128 MiB snapshot restored into 256 MiB: exit {}, {}",
+            refused.code(),
+            refused.stderr
+        )
+        .into());
+    }
+    scratch.check_nothing_left()
 }

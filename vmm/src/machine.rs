@@ -228,12 +228,6 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     };
     if let Some(snapshot) = &snapshot {
         vm.restore_state(&snapshot.vm)?;
-        mmio.restore(&snapshot.devices).map_err(|e| {
-            VmmError::Snapshot(SnapshotError::State {
-                path: config.restore_snapshot.clone().unwrap_or_default(),
-                reason: e.to_string(),
-            })
-        })?;
     }
     step("devices attached");
 
@@ -250,6 +244,17 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         }
         (None, Some(entry)) => vcpus[0].set_boot_state(entry)?,
         (None, None) => unreachable!("a VM without a snapshot loads the kernel"),
+    }
+    if let Some(snapshot) = &snapshot {
+        // Only now, with every LAPIC restored: a restarted device may raise
+        // its interrupt at once (a host connection was waiting for the vsock
+        // device), and a LAPIC written after that would drop it.
+        mmio.restore(&snapshot.devices).map_err(|e| {
+            VmmError::Snapshot(SnapshotError::State {
+                path: config.restore_snapshot.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })
+        })?;
     }
     step("vCPUs created");
 

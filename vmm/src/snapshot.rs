@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::devices::legacy::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
@@ -197,17 +196,21 @@ fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
     out.sync_all().map_err(io)
 }
 
-/// Fills `ram` from the snapshot's memory file: only its data extents are read,
-/// straight into guest memory (the holes are already zero in a fresh memfd).
+/// Fills `ram` from the snapshot's memory file: only its data extents are
+/// copied, into the memfd at the same offsets (the holes are already zero in a
+/// fresh memfd). Written through the memfd rather than through the guest's
+/// huge-page mapping: a fault there would allocate, and zero, a whole 2 MiB
+/// page for each scattered 4 KiB page of the snapshot.
 pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
+    use std::os::fd::AsRawFd;
     let path = dir.join(MEMORY_FILE);
     let io = |source| SnapshotError::Io {
         path: path.clone(),
         source,
     };
-    let mut file = File::open(&path).map_err(io)?;
+    let file = File::open(&path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
-    let ram_size: u64 = ram.mem.iter().map(|r| r.len()).sum();
+    let ram_size = ram.memfd.metadata().map_err(io)?.len();
     if size != ram_size {
         return Err(SnapshotError::Mismatch {
             dir: dir.to_owned(),
@@ -215,26 +218,27 @@ pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
             found: format!("a memory file of {size} bytes"),
         });
     }
+    let mut memfd = &ram.memfd;
     for (start, end) in data_extents(&file, size).map_err(io)? {
-        // Each RAM region maps its own stretch of the memfd; copy the part of
-        // the extent each one covers.
-        for region in ram.mem.iter() {
-            let Some(file_offset) = region.file_offset() else {
-                continue;
-            };
-            let (r_start, r_end) = (file_offset.start(), file_offset.start() + region.len());
-            let (from, to) = (start.max(r_start), end.min(r_end));
-            if from >= to {
-                continue;
+        memfd.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut offset = start as libc::off_t;
+        while (offset as u64) < end {
+            let len = (end - offset as u64) as usize;
+            // SAFETY: sendfile copies from `file` at `offset` (which it
+            // advances) to the memfd at its file position; both descriptors
+            // are ours and open, and `offset` is a live local.
+            let n =
+                unsafe { libc::sendfile(memfd.as_raw_fd(), file.as_raw_fd(), &mut offset, len) };
+            match n {
+                n if n > 0 => {}
+                0 => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(io(e));
+                    }
+                }
             }
-            file.seek(SeekFrom::Start(from)).map_err(io)?;
-            region
-                .read_exact_volatile_from(
-                    MemoryRegionAddress(from - r_start),
-                    &mut file,
-                    (to - from) as usize,
-                )
-                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         }
     }
     Ok(())
@@ -276,6 +280,7 @@ fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn memory_round_trips_and_zero_pages_stay_holes() {

@@ -54,7 +54,8 @@ fn measure(rootfs: &Path, shim_dir: &Path, runs: usize) -> Result<()> {
     let daemon = PrivateContainerd::start(opts)?;
     daemon.import_image("default", &archive)?;
 
-    // A warm-up of each, so neither side pays for first-use page cache.
+    // A warm-up of each, so neither side pays for first-use page cache (and
+    // bulkhead's shim makes the VM template of this shape).
     for (i, runtime) in [BULKHEAD, RUNC].iter().enumerate() {
         ctr_run(&daemon, runtime, &format!("warm{i}"))?;
     }
