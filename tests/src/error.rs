@@ -89,10 +89,11 @@ pub enum Error {
     #[error("invalid command for the emulated host: {0}")]
     InvalidCommand(String),
 
-    /// QEMU printed nothing on the console for too long; it was killed.
-    #[error("emulated host printed nothing for {silent_for:?} (stalled?) and was killed; last console lines:\n{console_tail}")]
+    /// QEMU printed nothing on the console for too long, or its kernel reported
+    /// a CPU stuck in a soft lockup for too long; it was killed.
+    #[error("emulated host made no progress for {silent_for:?} (silent, or a CPU stuck in a soft lockup) and was killed; last console lines:\n{console_tail}")]
     Stalled {
-        /// How long the console had been silent.
+        /// How long it had made no progress.
         silent_for: Duration,
         /// The last console lines.
         console_tail: String,

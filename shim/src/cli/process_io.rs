@@ -62,30 +62,34 @@ pub struct Streams {
     stdin: Option<UnixStream>,
 }
 
-/// Opens every stream `process` asked for.
+/// Opens every stream `process` asked for, all at once: each is a vsock
+/// handshake with the agent, and a run waits for them before it starts.
 pub async fn open_streams(conn: &AgentConnection, process: &ProcessRef) -> Result<Streams> {
     let output_kind = if process.terminal {
         StreamKind::Tty
     } else {
         StreamKind::Stdout
     };
-    let output = conn.open_stream(&process.header(output_kind)?).await?;
-    let stderr = if process.terminal {
-        None
-    } else {
-        Some(
-            conn.open_stream(&process.header(StreamKind::Stderr)?)
-                .await?,
-        )
+    let (output_header, stderr_header, stdin_header) = (
+        process.header(output_kind)?,
+        (!process.terminal)
+            .then(|| process.header(StreamKind::Stderr))
+            .transpose()?,
+        (process.interactive && !process.terminal)
+            .then(|| process.header(StreamKind::Stdin))
+            .transpose()?,
+    );
+    let optional = |header: Option<StreamHeader>| async move {
+        match header {
+            Some(h) => conn.open_stream(&h).await.map(Some),
+            None => Ok(None),
+        }
     };
-    let stdin = if process.interactive && !process.terminal {
-        Some(
-            conn.open_stream(&process.header(StreamKind::Stdin)?)
-                .await?,
-        )
-    } else {
-        None
-    };
+    let (output, stderr, stdin) = tokio::try_join!(
+        conn.open_stream(&output_header),
+        optional(stderr_header),
+        optional(stdin_header),
+    )?;
     Ok(Streams {
         output,
         stderr,

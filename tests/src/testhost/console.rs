@@ -94,8 +94,34 @@ impl Console {
     }
 }
 
+/// How long a CPU of the emulated host may be reported stuck before the host
+/// counts as stalled. Its kernel's soft-lockup warnings keep the console busy
+/// while it is wedged (QEMU's TCG emulation of nested SVM can leave a vCPU in
+/// the nested guest for good), so silence alone does not reveal that.
+pub const LOCKUP_GIVE_UP_SECS: u64 = 120;
+
+/// The seconds of a soft-lockup warning line (`watchdog: BUG: soft lockup -
+/// CPU#0 stuck for 705s! [...]`), if `line` is one.
+pub fn soft_lockup_secs(line: &str) -> Option<u64> {
+    let rest = line.split("soft lockup - CPU#").nth(1)?;
+    let secs = rest.split("stuck for ").nth(1)?;
+    secs.split('s').next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn soft_lockups_are_read() {
+        let line =
+            "[  764.532506] watchdog: BUG: soft lockup - CPU#0 stuck for 705s! [bulkhead-vmm:152]";
+        assert_eq!(super::soft_lockup_secs(line), Some(705));
+        assert_eq!(
+            super::soft_lockup_secs("rcu: INFO: rcu_preempt detected stalls"),
+            None
+        );
+        assert_eq!(super::soft_lockup_secs("stuck for 9s"), None);
+    }
+
     use super::*;
 
     #[test]

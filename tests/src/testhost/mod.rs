@@ -247,8 +247,9 @@ impl TestHost {
     }
 
     /// Like [`TestHost::run`], but when the emulated host stalls (no console
-    /// output for the stall timeout: TCG with nested KVM occasionally locks up
-    /// its whole guest) or its own kernel panics (seen under load: a stack
+    /// output for the stall timeout, or a CPU reported stuck in a soft lockup
+    /// for `console::LOCKUP_GIVE_UP_SECS`: TCG with nested KVM occasionally
+    /// locks up its whole guest) or its own kernel panics (seen under load: a stack
     /// guard page hit in KVM's vCPU thread, from QEMU's TCG emulation of
     /// nested SVM), the command is run again in a fresh host, up to
     /// `attempts` times in all. The command must be safe to repeat.
@@ -350,6 +351,15 @@ impl TestHost {
             };
             last_output = Instant::now();
             for line in console.feed(&chunk) {
+                if let Some(secs) =
+                    console::soft_lockup_secs(&line).filter(|s| *s >= console::LOCKUP_GIVE_UP_SECS)
+                {
+                    vm.kill();
+                    return Err(Error::Stalled {
+                        silent_for: Duration::from_secs(secs),
+                        console_tail: console.tail(),
+                    });
+                }
                 if self.settings.echo_console {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
