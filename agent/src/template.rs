@@ -26,50 +26,8 @@ pub fn is_template_boot(cmdline: &str) -> bool {
     cmdline.split_whitespace().any(|w| w == TEMPLATE_PARAM)
 }
 
-/// Memory left alone when scrubbing: what the kernel and the agent may still
-/// need while the scrub holds the rest.
-const SCRUB_RESERVE_KIB: u64 = 16 << 10;
-
-/// Zeroes the guest's free memory. The VMM saves only pages that are not zero,
-/// and every copy of the template reads all of those back at its start; free
-/// pages still hold whatever they held (the unpacked initrd, the agent's first
-/// copy of itself), so scrubbing them here makes every start cheaper. Taking
-/// the pages as fresh anonymous memory makes the kernel zero them; giving them
-/// back leaves them zero. Best effort: on failure the template is just bigger.
-pub fn scrub_free_memory() {
-    let free_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemFree:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    let Some(kib) = free_kib.checked_sub(SCRUB_RESERVE_KIB).filter(|k| *k > 0) else {
-        return;
-    };
-    let len = (kib << 10) as usize;
-    // SAFETY: a fresh private anonymous mapping that nothing else refers to;
-    // MAP_POPULATE faults every page in (zero-filled) before it returns, and
-    // the mapping is unmapped right after without being read or written.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if addr != libc::MAP_FAILED {
-            libc::munmap(addr, len);
-        }
-    }
-}
-
 /// Asks to be saved and waits until this VM is a copy that the host resumed.
 pub async fn save_and_wait_for_resume() -> io::Result<()> {
-    scrub_free_memory();
     // Listening first: the copies must find the port open the moment they run.
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_RESUME_PORT))?;
     // One write, so that no other console output splits the marker.
