@@ -84,11 +84,12 @@ pub struct Config {
     /// When true, the guest kernel logs verbosely (with timestamps) to the
     /// sandbox's `console.log`, for debugging boot problems. Default false.
     pub debug_console: bool,
-    /// When true (the default), sandboxes start from a VM template: a VM booted
-    /// once per shape (vCPUs, memory, kernel, initrd) up to its agent's setup
-    /// and saved under `run_root/templates/`; each sandbox resumes a copy, with
-    /// its own clock and a fresh random seed, instead of booting a kernel.
-    /// False boots every sandbox from scratch.
+    /// When true, sandboxes start from a VM template: a VM booted once per
+    /// shape (vCPUs, memory, kernel, initrd) up to its agent's setup and saved
+    /// under `run_root/.templates/`; each sandbox resumes a copy, with its own
+    /// clock and a fresh random seed, instead of booting a kernel. Default
+    /// false (every sandbox boots) until templates have had more soak time: a
+    /// resumed copy triple-faulted once in the emulated test host.
     pub vm_templates: bool,
     /// Directory holding one directory per running sandbox (sockets, logs).
     /// Absolute path. Default `/run/bulkhead`.
@@ -115,7 +116,7 @@ impl Default for Config {
             boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             debug_console: false,
-            vm_templates: true,
+            vm_templates: false,
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             file: None,

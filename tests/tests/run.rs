@@ -552,19 +552,24 @@ fn rejects_too_little_memory() -> Result<(), Failed> {
     nothing_left()
 }
 
-/// What a container saw of its VM: wall clock, 16 random bytes, the boot id.
-fn vm_identity(rootfs: &Path, extra: &[&str]) -> Result<(u64, String, String), Failed> {
-    let r = bulkhead_run(
-        rootfs,
-        extra,
-        &[
+/// What a container saw of its VM (run with the host config `config`): wall
+/// clock, 16 random bytes, the boot id.
+fn vm_identity(rootfs: &Path, config: &Path) -> Result<(u64, String, String), Failed> {
+    let mut c = Command::new(cli());
+    c.env("BULKHEAD_CONFIG", config)
+        .args(["run", "--rootfs"])
+        .arg(rootfs)
+        .arg("--")
+        .args([
             "sh",
             "-c",
             "date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
              cat /proc/sys/kernel/random/boot_id",
-        ],
-        None,
-    )?;
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let r = wait_with_deadline(c.spawn()?, DEADLINE)?;
     expect(&r, 0, "identity")?;
     let lines: Vec<&str> = r.stdout.lines().collect();
     let [date, random, boot_id] = lines[..] else {
@@ -577,8 +582,11 @@ fn template_copies_get_their_own_clock_and_randomness() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
     // Two sandboxes of one shape: the second (at least) resumes the template
     // the first one made or found.
-    let first = vm_identity(rootfs.path(), &[])?;
-    let second = vm_identity(rootfs.path(), &[])?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "vm_templates = true\n")?;
+    let first = vm_identity(rootfs.path(), &config)?;
+    let second = vm_identity(rootfs.path(), &config)?;
     let templates = Path::new("/run/bulkhead").join(bulkhead::sandbox::templates::TEMPLATES_DIR);
     let made: Vec<String> = common::listing(&templates)
         .into_iter()
