@@ -145,15 +145,7 @@ impl Vcpu {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|_| self.op("build the MSR list")(kvm_ioctls::Error::new(libc::EINVAL)))?;
-            let written = self.fd.set_msrs(&msrs).map_err(self.op("set MSRs"))?;
-            if written != entries.len() {
-                let index = entries[written].index;
-                return Err(self.op(&format!("restore MSR {index:#x}"))(
-                    kvm_ioctls::Error::new(libc::EINVAL),
-                ));
-            }
+            self.set_msrs(&entries)?;
         }
         self.fd
             .set_vcpu_events(&state.events)

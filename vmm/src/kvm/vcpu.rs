@@ -63,8 +63,13 @@ impl Vcpu {
     }
 
     fn set_boot_msrs(&self) -> Result<(), KvmError> {
-        let entries = regs::boot_msrs();
-        let msrs = Msrs::from_entries(&entries)
+        self.set_msrs(&regs::boot_msrs())
+    }
+
+    /// Writes `entries` (at most KVM_MAX_MSR_ENTRIES), failing on the first
+    /// one KVM refuses, which the error names.
+    pub(super) fn set_msrs(&self, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<(), KvmError> {
+        let msrs = Msrs::from_entries(entries)
             .map_err(|_| self.op("build the MSR list")(kvm_ioctls::Error::new(libc::EINVAL)))?;
         let written = self.fd.set_msrs(&msrs).map_err(self.op("set MSRs"))?;
         if written != entries.len() {
