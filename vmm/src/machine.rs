@@ -185,13 +185,14 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     vm.map_memory(&ram.mem)?;
     step("VM created");
-    let images = match (&snapshot, &config.restore_snapshot) {
-        (Some(_), Some(dir)) => {
+    // `snapshot` was read from `restore_snapshot`: both are set or neither.
+    let images = match &config.restore_snapshot {
+        Some(dir) => {
             snapshot::restore_memory(dir, &ram)?;
             step("guest memory restored");
             None
         }
-        _ => {
+        None => {
             let images = load_images(config, &ram)?;
             step("guest loaded");
             Some(images)

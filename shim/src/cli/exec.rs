@@ -80,7 +80,7 @@ pub async fn exec(config: &Config, name: &str, opts: &ExecOptions) -> Result<i32
     oci_process.set_rlimits(None);
     let target = ProcessRef {
         container_id: sid.to_owned(),
-        exec_id: format!("exec-{}", super::run::random_hex(6)),
+        exec_id: format!("exec-{}", crate::random::hex(6)),
         interactive,
         terminal: process.terminal,
     };

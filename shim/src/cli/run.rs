@@ -100,7 +100,7 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
         }
     };
     let process = process_options(&opts, &base)?;
-    let id = random_hex(32);
+    let id = crate::random::hex(32);
     let name = opts
         .name
         .clone()
@@ -300,9 +300,4 @@ pub fn first_signal() -> impl std::future::Future<Output = i32> {
             _ = hup.recv() => libc::SIGHUP,
         }
     }
-}
-
-/// `n` random bytes as hex, for ids.
-pub fn random_hex(n: usize) -> String {
-    crate::random::hex(n)
 }
