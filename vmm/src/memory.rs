@@ -51,6 +51,19 @@ impl GuestRam {
     pub fn low_end(&self) -> u64 {
         self.ranges[0].end()
     }
+
+    /// The guest-physical address of byte `offset` of the memfd, whose RAM
+    /// ranges are laid out one after another.
+    pub fn guest_address(&self, offset: u64) -> Option<GuestAddress> {
+        let mut base = 0;
+        for r in &self.ranges {
+            if offset < base + r.len {
+                return Some(GuestAddress(r.start + (offset - base)));
+            }
+            base += r.len;
+        }
+        None
+    }
 }
 
 /// Creates `size` bytes of memfd-backed guest RAM, mapped shared.
@@ -123,5 +136,19 @@ mod tests {
             0xdead_beef
         );
         assert_eq!(ram.low_end(), 64 << 20);
+        assert_eq!(ram.guest_address(0x1000), Some(GuestAddress(0x1000)));
+        assert_eq!(ram.guest_address(64 << 20), None);
+    }
+
+    #[test]
+    fn memfd_offsets_past_the_mmio_gap_map_above_4_gib() {
+        let ram = create(4 << 30).unwrap();
+        let low = ram.low_end();
+        assert!(low < 4 << 30);
+        assert_eq!(
+            ram.guest_address(low),
+            Some(GuestAddress(ram.ranges[1].start))
+        );
+        assert_eq!(ram.guest_address(low - 1), Some(GuestAddress(low - 1)));
     }
 }
