@@ -189,15 +189,10 @@ pub struct AgentConnection {
 }
 
 impl AgentConnection {
-    /// Connects to the agent behind the hybrid vsock socket `vsock_uds`.
+    /// Connects to the agent behind the hybrid vsock socket `vsock_uds` and
+    /// checks that it answers.
     pub async fn connect(vsock_uds: &Path) -> Result<AgentConnection, SandboxError> {
-        let stream = vsock::connect(vsock_uds, AGENT_TTRPC_PORT, RPC_TIMEOUT).await?;
-        let client =
-            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
-        let connection = AgentConnection {
-            vsock_uds: vsock_uds.to_owned(),
-            agent: AgentClient::new(client),
-        };
+        let connection = Self::open(vsock_uds).await?;
         connection
             .agent
             .check(
@@ -210,6 +205,18 @@ impl AgentConnection {
                 source,
             })?;
         Ok(connection)
+    }
+
+    /// Opens the RPC connection without a Check: for a sandbox whose agent
+    /// has just said hello (the hello carries what Check would tell).
+    async fn open(vsock_uds: &Path) -> Result<AgentConnection, SandboxError> {
+        let stream = vsock::connect(vsock_uds, AGENT_TTRPC_PORT, RPC_TIMEOUT).await?;
+        let client =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
+        Ok(AgentConnection {
+            vsock_uds: vsock_uds.to_owned(),
+            agent: AgentClient::new(client),
+        })
     }
 
     /// Attaches to the running sandbox `id` under `run_root`.
@@ -348,7 +355,19 @@ impl Sandbox {
             config.boot_timeout,
         )
         .await;
-        let (ready, agent_version) = match ready {
+        // The RPC connection is opened while the agent applies the boot facts;
+        // no request goes out before it has acknowledged them.
+        let ready = match ready {
+            Ok((mut stream, version)) => {
+                let (facts, connection) = tokio::join!(
+                    send_boot_facts(&mut stream),
+                    AgentConnection::open(&vm.vsock_uds)
+                );
+                facts.and(connection).map(|c| (stream, version, c))
+            }
+            Err(e) => Err(e),
+        };
+        let (ready, agent_version, connection) = match ready {
             Ok(r) => r,
             Err(e) => {
                 vm.vmm.stop(Duration::ZERO).await;
@@ -356,10 +375,7 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        step("agent ready");
-
-        let connection = AgentConnection::connect(&vm.vsock_uds).await?;
-        step("agent connected");
+        step("agent ready and connected");
         Ok(Sandbox {
             id: config.id.clone(),
             dir,
@@ -550,7 +566,8 @@ async fn send_boot_facts(stream: &mut UnixStream) -> Result<(), SandboxError> {
 }
 
 /// Waits for the agent's connection on the ready port and its hello line,
-/// failing early if the VMM exits and late if the deadline passes.
+/// failing early if the VMM exits and late if the deadline passes. The caller
+/// then sends the boot facts on that connection.
 async fn wait_ready(
     listener: &UnixListener,
     vmm: &mut HostProcess,
@@ -572,9 +589,7 @@ async fn wait_ready(
                     return Err(SandboxError::Agent(format!("bad hello on the ready port: {line:?}")));
                 }
                 let version = line[READY_LINE_PREFIX.len()..].trim().to_owned();
-                let mut stream = reader.into_inner();
-                send_boot_facts(&mut stream).await?;
-                return Ok((stream, version));
+                return Ok((reader.into_inner(), version));
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
                 // virtiofsd first: when it fails the VMM follows, and its own
