@@ -88,8 +88,7 @@ pub struct Config {
     /// shape (vCPUs, memory, kernel, initrd) up to its agent's setup and saved
     /// under `run_root/.templates/`; each sandbox resumes a copy, with its own
     /// clock and a fresh random seed, instead of booting a kernel. Default
-    /// false (every sandbox boots) until templates have had more soak time: a
-    /// resumed copy triple-faulted once in the emulated test host.
+    /// true; false makes every sandbox boot its kernel.
     pub vm_templates: bool,
     /// Directory holding one directory per running sandbox (sockets, logs).
     /// Absolute path. Default `/run/bulkhead`.
@@ -116,7 +115,7 @@ impl Default for Config {
             boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             debug_console: false,
-            vm_templates: false,
+            vm_templates: true,
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             file: None,
