@@ -185,6 +185,20 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     vm.map_memory(&ram.mem)?;
     step("VM created");
+    // The vsock device binds its host socket now, before the slow part: a host
+    // that connects while guest memory is being filled then waits on its
+    // connection instead of polling for the socket to appear.
+    let vsock: Option<Box<dyn VirtioDevice>> = match &config.vsock {
+        Some(vsock) => Some(Box::new(
+            Vsock::new(u64::from(vsock.cid), vsock.uds_path.clone()).map_err(|source| {
+                VmmError::Vsock {
+                    path: vsock.uds_path.clone(),
+                    source,
+                }
+            })?,
+        )),
+        None => None,
+    };
     // `snapshot` was read from `restore_snapshot`: both are set or neither.
     let images = match &config.restore_snapshot {
         Some(dir) => {
@@ -209,16 +223,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         })?;
         virtio.push(Box::new(VhostUserFs::connect(tag, &share.socket)?));
     }
-    if let Some(vsock) = &config.vsock {
-        let device =
-            Vsock::new(u64::from(vsock.cid), vsock.uds_path.clone()).map_err(|source| {
-                VmmError::Vsock {
-                    path: vsock.uds_path.clone(),
-                    source,
-                }
-            })?;
-        virtio.push(Box::new(device));
-    }
+    virtio.extend(vsock);
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
     let kernel_entry = match images {
         Some(images) => {
