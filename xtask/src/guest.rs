@@ -46,9 +46,16 @@ pub fn build_agent() -> Result<PathBuf> {
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        // The symbol table is a fifth of the binary, and every byte of the
-        // initrd is copied into each VM and unpacked by its kernel at boot.
+        // Every byte of the initrd is copied into each VM, unpacked by its
+        // kernel at boot, and then held twice in a VM template's memory (the
+        // freed initrd is poisoned, not zeroed). So: no symbol table, and
+        // optimised for size with whole-program LTO: 5.9 MiB instead of 8.2,
+        // and no slower (under emulation, sandboxes started sooner with it,
+        // templates or not, and stdout throughput was no lower).
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
+        .env("CARGO_PROFILE_RELEASE_LTO", "fat")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
         // libseccomp is linked statically into the agent.
         .env("LIBSECCOMP_LINK_TYPE", "static")
         .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu")
