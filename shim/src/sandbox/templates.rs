@@ -29,12 +29,18 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// protocol, the VMM's snapshot format).
 const TEMPLATE_GENERATION: u32 = 1;
 
+/// The most templates kept: each holds a whole guest's memory (about 35 MiB)
+/// in the run root's tmpfs, and every new VM shape, or new kernel, initrd or
+/// VMM build, makes one. Past this, the least recently used go.
+pub const MAX_TEMPLATES: usize = 8;
+
 /// The template directory for `config`'s VM shape, made first if missing.
 pub async fn ensure(config: &SandboxConfig) -> Result<PathBuf, SandboxError> {
     let root = config.run_root.join(TEMPLATES_DIR);
     let key = key(config)?;
     let dir = root.join(&key);
     if is_complete(&dir) {
+        mark_used(&dir);
         return Ok(dir);
     }
     std::fs::DirBuilder::new()
@@ -61,7 +67,43 @@ pub async fn ensure(config: &SandboxConfig) -> Result<PathBuf, SandboxError> {
         "VM template made"
     );
     drop(lock);
+    prune(&root, MAX_TEMPLATES);
     Ok(dir)
+}
+
+/// Records that the template in `dir` was just used (its directory's
+/// modification time is what [`prune`] goes by).
+fn mark_used(dir: &Path) {
+    let touched =
+        std::fs::File::open(dir).and_then(|d| d.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!(template = %dir.display(), "cannot mark the VM template used: {e}");
+    }
+}
+
+/// Removes the least recently used complete templates under `root` beyond the
+/// `keep` newest. A sandbox resuming one of them at that moment has its files
+/// open and is unaffected; one about to open them falls back to a boot.
+fn prune(root: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut templates: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| is_complete(p))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    templates.sort_by_key(|t| std::cmp::Reverse(t.0));
+    for (_, dir) in templates.into_iter().skip(keep) {
+        tracing::info!(template = %dir.display(), "removing the least recently used VM template");
+        discard(&dir);
+        if let Some(key) = dir.file_name() {
+            let mut lock = key.to_owned();
+            lock.push(".lock");
+            let _ = std::fs::remove_file(root.join(lock));
+        }
+    }
 }
 
 /// A template being made: removed unless committed, also when the making is
@@ -247,4 +289,42 @@ async fn lock_exclusive(path: &Path) -> Result<std::fs::File, SandboxError> {
     .await
     .map_err(|e| io(std::io::Error::other(e)))?
     .map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn fake_template(root: &Path, key: &str, age_secs: u64) -> PathBuf {
+        let dir = root.join(key);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("state.json"), "{}").unwrap();
+        std::fs::write(dir.join("memory"), "").unwrap();
+        std::fs::write(root.join(format!("{key}.lock")), "").unwrap();
+        let when = SystemTime::now() - Duration::from_secs(age_secs);
+        std::fs::File::open(&dir)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        dir
+    }
+
+    #[test]
+    fn pruning_keeps_the_most_recently_used_templates() {
+        let root = tempfile::tempdir().unwrap();
+        let old = fake_template(root.path(), "1c-224m-old", 300);
+        let used = fake_template(root.path(), "1c-224m-used", 200);
+        let new = fake_template(root.path(), "2c-512m-new", 100);
+        // Being made: never counted, never removed.
+        std::fs::create_dir(root.path().join("4c-1024m-x.staging")).unwrap();
+        mark_used(&used);
+        prune(root.path(), 2);
+        assert!(!old.exists());
+        assert!(!root.path().join("1c-224m-old.lock").exists());
+        assert!(used.exists() && new.exists());
+        assert!(root.path().join("4c-1024m-x.staging").exists());
+        prune(root.path(), 1);
+        assert!(used.exists() && !new.exists());
+    }
 }
