@@ -255,12 +255,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         // Only now, with every LAPIC restored: a restarted device may raise
         // its interrupt at once (a host connection was waiting for the vsock
         // device), and a LAPIC written after that would drop it.
-        mmio.restore(&snapshot.devices).map_err(|e| {
-            VmmError::Snapshot(SnapshotError::State {
-                path: config.restore_snapshot.clone().unwrap_or_default(),
-                reason: e.to_string(),
-            })
-        })?;
+        mmio.restore(&snapshot.devices)
+            .map_err(|e| restore_failed(config, e.to_string()))?;
     }
     step("vCPUs created");
 
@@ -292,12 +288,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
             events_tx.clone(),
             snapshot.as_ref().map(|s| &s.serial),
         )
-        .map_err(|reason| {
-            VmmError::Snapshot(SnapshotError::State {
-                path: config.restore_snapshot.clone().unwrap_or_default(),
-                reason,
-            })
-        })?,
+        .map_err(|reason| restore_failed(config, reason))?,
     );
 
     install_kick_handler().map_err(os("the vCPU kick signal handler"))?;
@@ -338,6 +329,14 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     drop(vm);
     drop(ram);
     result
+}
+
+/// A device state in `config.restore_snapshot` that cannot be restored.
+fn restore_failed(config: &VmConfig, reason: String) -> VmmError {
+    VmmError::Snapshot(SnapshotError::State {
+        path: config.restore_snapshot.clone().unwrap_or_default(),
+        reason,
+    })
 }
 
 /// Pauses the vCPUs and writes the whole VM to `config.save_snapshot`.

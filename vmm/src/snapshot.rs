@@ -40,8 +40,8 @@ const FORMAT_VERSION: u32 = 1;
 const STATE_FILE: &str = "state.json";
 const MEMORY_FILE: &str = "memory";
 const PAGE: usize = 4096;
-/// Memory is copied in chunks of this size (one huge page).
-const CHUNK: usize = 2 << 20;
+/// A transparent huge page: the unit memory is saved in, and restored by.
+const HUGE_PAGE: u64 = 2 << 20;
 
 /// Why a snapshot could not be saved or restored.
 #[derive(Debug, Error)]
@@ -178,11 +178,11 @@ fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
     let size = memfd.metadata().map_err(io)?.len();
     let out = File::create(path).map_err(io)?;
     out.set_len(size).map_err(io)?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; HUGE_PAGE as usize];
     for (start, end) in data_extents(memfd, size).map_err(io)? {
         let mut offset = start;
         while offset < end {
-            let len = ((end - offset) as usize).min(CHUNK);
+            let len = (end - offset).min(HUGE_PAGE) as usize;
             memfd.read_exact_at(&mut buf[..len], offset).map_err(io)?;
             for (i, page) in buf[..len].chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
@@ -236,8 +236,6 @@ pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
     })
     .map_err(io)
 }
-
-const HUGE_PAGE: u64 = 2 << 20;
 
 /// A `[start, end)` byte range of the memory file (and of the memfd: the same
 /// offsets).

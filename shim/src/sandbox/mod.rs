@@ -339,8 +339,7 @@ impl Sandbox {
             step("virtiofsd and bulkhead-vmm started, resuming a VM template");
             let patience = config.boot_timeout.min(templates::RESUME_TIMEOUT);
             if let Err(e) = templates::resume(&mut vm, &dir, patience).await {
-                vm.vmm.stop(Duration::ZERO).await;
-                vm.virtiofsd.stop(Duration::from_secs(2)).await;
+                vm.stop().await;
                 return Err(e);
             }
             step("VM resumed");
@@ -370,8 +369,7 @@ impl Sandbox {
         let (ready, agent_version, connection) = match ready {
             Ok(r) => r,
             Err(e) => {
-                vm.vmm.stop(Duration::ZERO).await;
-                vm.virtiofsd.stop(Duration::from_secs(2)).await;
+                vm.stop().await;
                 return Err(e);
             }
         };
@@ -530,6 +528,13 @@ impl VmProcesses {
             vsock_uds,
             ready_listener,
         })
+    }
+
+    /// Stops a VM that will not be used: the VMM at once, then virtiofsd
+    /// (which ends by itself when the VMM hangs up).
+    async fn stop(&mut self) {
+        self.vmm.stop(Duration::ZERO).await;
+        self.virtiofsd.stop(Duration::from_secs(2)).await;
     }
 }
 
