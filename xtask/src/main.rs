@@ -12,9 +12,11 @@ mod kernel;
 mod place;
 mod rootfs;
 mod setup;
+mod test_log;
 mod workspace;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -59,8 +61,21 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+/// Errors are printed with their causes but without a backtrace: CI sets
+/// RUST_BACKTRACE for the tests, and forty lines of xtask frames would push
+/// the test failure summary out of the log's tail.
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
         Task::Setup(opts) => {
             setup::run(&opts)?;
             if !opts.dry_run {

@@ -2,10 +2,12 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+
+use crate::test_log::TestLog;
 
 /// How long the whole `cargo test` run may take. It takes about ten minutes
 /// here; CI allows ninety for everything, and a test that hangs must end as a
@@ -97,20 +99,36 @@ pub fn test() -> Result<()> {
         .env("BULKHEAD_VMM", &vmm)
         .env("BULKHEAD_CLI", &cli)
         .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // Its own process group, so a deadline kill reaches the test binaries
         // and the emulated hosts they started, not just cargo.
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot run {cargo}"))?;
+    let log = TestLog::new();
+    let pipes = [
+        log.tee(child.stdout.take().context("cargo test's stdout")?, false),
+        log.tee(child.stderr.take().context("cargo test's stderr")?, true),
+    ];
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().context("waiting for cargo test")? {
-            ensure!(
-                status.success(),
-                "cargo {} failed ({status})",
-                args.join(" ")
+            TestLog::drain(&pipes);
+            if status.success() {
+                return Ok(());
+            }
+            let (failed, summary) = log.failure_summary();
+            println!("{summary}");
+            bail!(
+                "cargo {} failed ({status}); failed: {}",
+                args.join(" "),
+                if failed.is_empty() {
+                    "see above".to_owned()
+                } else {
+                    failed.join(", ")
+                }
             );
-            return Ok(());
         }
         if start.elapsed() > TEST_DEADLINE {
             // SAFETY: kill(2) on the process group we created; no memory involved.
