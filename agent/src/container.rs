@@ -28,6 +28,7 @@ use crate::cgroup::{Cgroup, CgroupStats, CGROUP_ROOT};
 use crate::exit::ExitStatus;
 use crate::oom;
 use crate::process::Process;
+use crate::spare_netns::SpareNetns;
 use crate::stdio::{ConsoleSocket, Stdio};
 
 /// Where the agent keeps container state in the guest.
@@ -133,6 +134,9 @@ pub struct CreateOptions {
     pub stdio: Stdio,
     /// The agent's state directory ([`DEFAULT_RUN_DIR`] in the guest).
     pub run_dir: PathBuf,
+    /// A network namespace made ahead of time, which the container joins
+    /// instead of making one when it can (see [`crate::spare_netns`]).
+    pub spare_netns: Option<Arc<SpareNetns>>,
 }
 
 impl CreateOptions {
@@ -144,6 +148,7 @@ impl CreateOptions {
             rootfs: rootfs.into(),
             stdio: Stdio::Null,
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            spare_netns: None,
         }
     }
 }
@@ -179,6 +184,7 @@ impl Container {
             rootfs,
             stdio,
             run_dir,
+            spare_netns,
         } = opts;
         validate_name(&id, &id, "container id")?;
         let state_root = run_dir.join("containers");
@@ -188,6 +194,8 @@ impl Container {
         }
         let terminal = matches!(stdio, Stdio::Terminal);
         let cgroup_path = prepare_spec(&id, &mut spec, &rootfs, terminal)?;
+        // Held until libcontainer returns: by then the init has joined it.
+        let _spare_claim = spare_netns.as_deref().and_then(|s| s.lend_to(&mut spec));
         let op = |step: &str| {
             let id = id.clone();
             let step = step.to_string();

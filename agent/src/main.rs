@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bulkhead_agent::container::DEFAULT_RUN_DIR;
+use bulkhead_agent::init::SHARE_READAHEAD_KIB;
 use bulkhead_agent::mapping::{SHARE_DIR, SHARE_TAG};
 use bulkhead_agent::rpc::{AgentService, Config};
+use bulkhead_agent::spare_netns::{SpareNetns, SPARE_NETNS_PATH};
 use bulkhead_agent::streams::{self, Lookup};
 use bulkhead_agent::{init, init_mode, pid1, ready, rootfs, template};
 use bulkhead_protocol::agent_ttrpc::{create_agent, Agent};
@@ -65,7 +67,10 @@ fn agent_main() -> i32 {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
-        .with_max_level(tracing::Level::INFO)
+        // The log goes to the serial console, where every byte is a VM exit
+        // (about 75 us each under nested emulation): per-container steps are
+        // debug, and libcontainer says only what went wrong.
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,libcontainer=warn"))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,10 +97,19 @@ async fn serve() -> Result<(), String> {
         .ok()
         .or_else(|| Some(PathBuf::from("/init")))
         .filter(|p| p.is_file());
+    // Made before a template boot is saved, so that every copy has one.
+    let spare_netns = match SpareNetns::prepare(Path::new(SPARE_NETNS_PATH)) {
+        Ok(spare) => Some(Arc::new(spare)),
+        Err(err) => {
+            eprintln!("bulkhead-agent: no spare network namespace: {err}");
+            None
+        }
+    };
     let service = AgentService::new(Config {
         share_dir: PathBuf::from(SHARE_DIR),
         run_dir: PathBuf::from(DEFAULT_RUN_DIR),
         init_binary,
+        spare_netns,
     });
     let agent: Arc<dyn Agent + Send + Sync> = service.clone();
     let mut server = Server::new()
@@ -119,8 +133,13 @@ async fn serve() -> Result<(), String> {
             .await
             .map_err(|e| format!("waiting to be resumed from the template: {e}"))?;
     }
-    if let Err(err) = init::mount_virtiofs(SHARE_TAG, Path::new(SHARE_DIR)) {
-        eprintln!("bulkhead-agent: no shared folder: {err}");
+    match init::mount_virtiofs(SHARE_TAG, Path::new(SHARE_DIR)) {
+        Ok(()) => {
+            if let Err(err) = init::set_readahead(Path::new(SHARE_DIR), SHARE_READAHEAD_KIB) {
+                eprintln!("bulkhead-agent: shared folder read-ahead: {err}");
+            }
+        }
+        Err(err) => eprintln!("bulkhead-agent: no shared folder: {err}"),
     }
     // Only now can the host's requests be served: say so.
     let _hello = ready::announce(HOST_READY_PORT)

@@ -21,7 +21,8 @@ pub fn loopback_up(pid: i32) -> io::Result<()> {
     .map_err(|_| io::Error::other("the loopback thread panicked"))?
 }
 
-fn set_up(name: &str) -> io::Result<()> {
+/// Sets interface `name` up in the calling thread's network namespace.
+pub(crate) fn set_up(name: &str) -> io::Result<()> {
     // SAFETY: a plain socket(2) call; the descriptor is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

@@ -23,6 +23,7 @@ use crate::container::{Container, ContainerError, CreateOptions};
 use crate::mapping;
 use crate::process::Process;
 use crate::registry::{ExitInfo, ProcEntry, StreamSet, Table, TableError, TtyState};
+use crate::spare_netns::SpareNetns;
 use crate::stdio::Stdio;
 use crate::streams::{self, Lookup};
 
@@ -110,6 +111,8 @@ pub struct Config {
     /// The agent's binary, bind-mounted into containers as their init; `None`
     /// to run commands unwrapped.
     pub init_binary: Option<PathBuf>,
+    /// A network namespace made ahead of time for the first container.
+    pub spare_netns: Option<Arc<SpareNetns>>,
 }
 
 /// The agent service: the container table, the OOM event queue.
@@ -218,6 +221,7 @@ impl AgentService {
             rootfs,
             stdio,
             run_dir: self.config.run_dir.clone(),
+            spare_netns: self.config.spare_netns.clone(),
         };
         let container = blocking(&id, move || Container::create(opts))
             .await?
@@ -244,7 +248,7 @@ impl AgentService {
             started: AtomicBool::new(false),
             stop_oom_watch,
         }));
-        tracing::info!("container {id} created, init pid {pid}");
+        tracing::debug!("container {id} created, init pid {pid}");
         let mut resp = CreateContainerResponse::new();
         resp.pid = u32::try_from(pid).unwrap_or(0);
         Ok(resp)
@@ -279,7 +283,7 @@ impl AgentService {
             entry.started.store(false, Ordering::SeqCst);
             return Err(err.into());
         }
-        tracing::info!("container {id} started");
+        tracing::debug!("container {id} started");
         Ok(StartContainerResponse::new())
     }
 
@@ -409,7 +413,7 @@ impl AgentService {
         let container = Arc::clone(&entry.container);
         blocking(&id, move || container.delete(!started)).await??;
         self.containers.remove(&id);
-        tracing::info!("container {id} removed");
+        tracing::debug!("container {id} removed");
         Ok(RemoveContainerResponse::new())
     }
 

@@ -90,6 +90,7 @@ impl Fixture {
             rootfs: self.rootfs.clone(),
             stdio,
             run_dir: self.run_dir.clone(),
+            spare_netns: None,
         }
     }
 }

@@ -51,6 +51,10 @@ fn main() -> ExitCode {
                 sigterm_while_booting_cleans_up,
             ),
             common::trial("user_is_honoured", user_is_honoured),
+            common::trial(
+                "network_namespace_has_only_loopback_up",
+                network_namespace_has_only_loopback_up,
+            ),
             common::trial("rejects_missing_rootfs", rejects_missing_rootfs),
             common::trial("rejects_empty_command", rejects_empty_command),
             common::trial("command_not_found_is_127", command_not_found_is_127),
@@ -477,6 +481,27 @@ fn sigterm_while_booting_cleans_up() -> Result<(), Failed> {
     expect(&r, 143, "SIGTERM during boot")?;
     if !r.stderr.contains("while starting the microVM") {
         return Err(format!("no word about the interruption: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+/// Like runc's: a network namespace of its own with only `lo`, and `lo` up
+/// (the agent lends the first container a namespace it made ahead of time).
+fn network_namespace_has_only_loopback_up() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let r = bulkhead_run(
+        rootfs.path(),
+        &[],
+        &["sh", "-c", "ls /sys/class/net; cat /sys/class/net/lo/flags"],
+        None,
+    )?;
+    expect(&r, 0, "listing interfaces")?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let flags = lines
+        .get(1)
+        .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+    if lines.first() != Some(&"lo") || flags.is_none_or(|f| f & libc::IFF_UP as u32 == 0) {
+        return Err(format!("expected only lo, up; the container saw {:?}", r.stdout).into());
     }
     nothing_left()
 }
