@@ -206,8 +206,9 @@ fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
 /// nested page fault, a full VM exit, the first time it touched each of them
 /// (about 1100 more exits per sandbox start, and 30 % slower container
 /// creation, under emulation). Guests keep their data in a few dense blocks
-/// (the kernel, the agent), so the extra memory is small. The copy is split
-/// between two threads: it is most of a resume.
+/// (the kernel, the agent), so the extra memory is small; blocks with only a
+/// few pages of data get small pages instead (see [`SPARSE_BLOCK_DIVISOR`]).
+/// The copy is split between two threads: it is most of a resume.
 pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let io = |source| SnapshotError::Io {
@@ -225,16 +226,52 @@ pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
         });
     }
     let pieces = split_at_blocks(&data_extents(&file, size).map_err(io)?);
-    let (first, second) = split_evenly(&pieces);
+    let (dense, sparse) = by_block_density(&pieces);
+    let (first, second) = split_evenly(&dense);
     std::thread::scope(|scope| {
         let helper = scope.spawn(|| copy_pieces(&path, ram, second));
-        let mine = copy_pieces(&path, ram, first);
+        let mine = copy_pieces(&path, ram, first)
+            .and_then(|()| copy_small_pages(&file, &ram.memfd, &sparse));
         let theirs = helper
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the memory copy thread panicked")));
         mine.and(theirs)
     })
     .map_err(io)
+}
+
+/// Below this share of data, a 2 MiB block is restored page by page.
+///
+/// A huge page costs the host zeroing 2 MiB before the copy (most of a
+/// resume's time under emulation) and 2 MiB of RAM per sandbox; small pages
+/// cost a nested page fault for each page the guest then touches. A block
+/// with a quarter of its pages in use is where the two are about even.
+const SPARSE_BLOCK_DIVISOR: u64 = 4;
+
+/// Splits `pieces` (from [`split_at_blocks`]) into those in blocks dense
+/// enough for a huge page and those in sparse blocks.
+fn by_block_density(pieces: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+    let mut per_block = std::collections::HashMap::<u64, u64>::new();
+    for (start, end) in pieces {
+        *per_block.entry(start / HUGE_PAGE).or_default() += end - start;
+    }
+    pieces
+        .iter()
+        .partition(|(start, _)| per_block[&(start / HUGE_PAGE)] * SPARSE_BLOCK_DIVISOR >= HUGE_PAGE)
+}
+
+/// Copies `pieces` of `file` into the memfd at the same offsets. Written
+/// this way, not through the huge-page mapping, they land in small pages: a
+/// block's huge page cannot be allocated once it holds any, so the guest's
+/// later faults there get small pages too.
+fn copy_small_pages(file: &File, memfd: &File, pieces: &[Extent]) -> std::io::Result<()> {
+    let mut buf = vec![0u8; HUGE_PAGE as usize];
+    for &(start, end) in pieces {
+        let piece = &mut buf[..(end - start) as usize];
+        file.read_exact_at(piece, start)?;
+        memfd.write_all_at(piece, start)?;
+    }
+    Ok(())
 }
 
 /// A `[start, end)` byte range of the memory file (and of the memfd: the same
@@ -397,6 +434,20 @@ mod tests {
         assert!(got[..PAGE].iter().all(|&b| b == 0));
         assert_eq!(&got[PAGE..PAGE + data.len()], &data[..]);
         assert!(got[PAGE + data.len()..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn blocks_with_a_quarter_of_data_or_more_get_huge_pages() {
+        const M: u64 = HUGE_PAGE;
+        let pieces = split_at_blocks(&[
+            (0, M / 4),
+            (M, M + 4096),
+            (M + M / 2, M + M / 2 + M / 8),
+            (2 * M, 3 * M),
+        ]);
+        let (dense, sparse) = by_block_density(&pieces);
+        assert_eq!(dense, vec![(0, M / 4), (2 * M, 3 * M)]);
+        assert_eq!(sparse, vec![(M, M + 4096), (M + M / 2, M + M / 2 + M / 8)]);
     }
 
     #[test]
