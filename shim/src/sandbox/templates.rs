@@ -101,8 +101,22 @@ fn prune(root: &Path, keep: usize) {
         if let Some(key) = dir.file_name() {
             let mut lock = key.to_owned();
             lock.push(".lock");
-            let _ = std::fs::remove_file(root.join(lock));
+            remove_lock_file(&root.join(lock));
         }
+    }
+}
+
+/// Removes a maker's lock file, unless someone holds it. It is unlinked
+/// while we hold it, so anyone who opened it before gets the lock on a file
+/// that is gone, which [`lock_exclusive`] notices and retries.
+fn remove_lock_file(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return;
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -273,16 +287,31 @@ async fn lock_exclusive(path: &Path) -> Result<std::fs::File, SandboxError> {
         .write(true)
         .open(path)
         .map_err(io)?;
+    let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         use std::os::fd::AsRawFd;
+        let mut file = file;
         loop {
             // SAFETY: flock on a descriptor this closure owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(file);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
                 return Err(e);
+            }
+            // Pruning may have unlinked the file while we waited: a lock on
+            // it excludes no one who opens the path now. Lock the new file.
+            let held = file.metadata()?;
+            match std::fs::metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => return Ok(file),
+                _ => {
+                    file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)?;
+                }
             }
         }
     })
@@ -322,9 +351,37 @@ mod tests {
         prune(root.path(), 2);
         assert!(!old.exists());
         assert!(!root.path().join("1c-224m-old.lock").exists());
+        // A lock someone holds stays: removing it would let a second maker in.
+        let held = std::fs::File::create(root.path().join("2c-512m-new.lock")).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+        assert_eq!(locked, 0);
         assert!(used.exists() && new.exists());
         assert!(root.path().join("4c-1024m-x.staging").exists());
         prune(root.path(), 1);
         assert!(used.exists() && !new.exists());
+        assert!(root.path().join("2c-512m-new.lock").exists());
+    }
+
+    #[tokio::test]
+    async fn a_lock_taken_on_a_pruned_file_is_taken_again_on_the_new_one() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("k.lock");
+        let first = lock_exclusive(&path).await.unwrap();
+        let waiter = tokio::spawn({
+            let path = path.clone();
+            async move { lock_exclusive(&path).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // As prune does, but while the first holder still has it (the waiter
+        // opened the file before it went).
+        std::fs::remove_file(&path).unwrap();
+        drop(first);
+        let second = waiter.await.unwrap();
+        let (held, named) = (
+            second.metadata().unwrap(),
+            std::fs::metadata(&path).unwrap(),
+        );
+        assert_eq!((held.dev(), held.ino()), (named.dev(), named.ino()));
     }
 }
