@@ -48,6 +48,14 @@ pub async fn save_and_wait_for_resume() -> io::Result<()> {
 /// needs or wakes the OOM killer.
 const SCRUB_RESERVE_KIB: u64 = 16 * 1024;
 
+/// The most memory scrubbed. The dirty free pages are the ones boot freed
+/// last (the initrd, the kernel's init code: under 10 MiB), and the page
+/// allocator hands out the most recently freed pages first; pages never used
+/// since boot are zero already. Without a cap, a template of a large VM
+/// would make the host back all of its memory and make saving it read it
+/// all.
+const SCRUB_MAX_KIB: u64 = 64 * 1024;
+
 /// Writes zeros over the guest's free memory, so that the snapshot, which
 /// keeps only pages that are not zero, holds what the guest uses and not what
 /// it has freed. The kernel frees the unpacked initrd and its own init code
@@ -65,7 +73,7 @@ fn scrub_free_memory() -> io::Result<u64> {
         .find_map(|l| l.strip_prefix("MemFree:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .ok_or_else(|| io::Error::other("no MemFree in /proc/meminfo"))?;
-    let len = free_kib.saturating_sub(SCRUB_RESERVE_KIB) * 1024;
+    let len = scrub_bytes(free_kib);
     if len == 0 {
         return Ok(0);
     }
@@ -91,9 +99,24 @@ fn scrub_free_memory() -> io::Result<u64> {
     Ok(len)
 }
 
+/// How much of `free_kib` KiB of free memory to scrub, in bytes.
+fn scrub_bytes(free_kib: u64) -> u64 {
+    free_kib
+        .saturating_sub(SCRUB_RESERVE_KIB)
+        .min(SCRUB_MAX_KIB)
+        * 1024
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrubbing_leaves_a_reserve_and_stops_at_the_cap() {
+        assert_eq!(scrub_bytes(8 * 1024), 0);
+        assert_eq!(scrub_bytes(48 * 1024), 32 << 20);
+        assert_eq!(scrub_bytes(4 << 20), SCRUB_MAX_KIB * 1024);
+    }
 
     #[test]
     fn template_boots_are_told_by_the_command_line() {
