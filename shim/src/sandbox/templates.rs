@@ -29,7 +29,7 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// protocol, the VMM's snapshot format).
 const TEMPLATE_GENERATION: u32 = 1;
 
-/// The most templates kept: each holds a whole guest's memory (about 35 MiB)
+/// The most templates kept: each holds a guest's memory in use (about 27 MiB)
 /// in the run root's tmpfs, and every new VM shape, or new kernel, initrd or
 /// VMM build, makes one. Past this, the least recently used go.
 pub const MAX_TEMPLATES: usize = 8;
@@ -281,36 +281,28 @@ async fn lock_exclusive(path: &Path) -> Result<std::fs::File, SandboxError> {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io)?;
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         use std::os::fd::AsRawFd;
-        let mut file = file;
         loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
             // SAFETY: flock on a descriptor this closure owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
                 }
-                return Err(e);
             }
             // Pruning may have unlinked the file while we waited: a lock on
             // it excludes no one who opens the path now. Lock the new file.
             let held = file.metadata()?;
-            match std::fs::metadata(&path) {
-                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => return Ok(file),
-                _ => {
-                    file = std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(&path)?;
+            if let Ok(now) = std::fs::metadata(&path) {
+                if (now.dev(), now.ino()) == (held.dev(), held.ino()) {
+                    return Ok(file);
                 }
             }
         }
