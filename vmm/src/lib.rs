@@ -13,6 +13,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod events;
+pub mod kernel_image;
 pub mod kvm;
 pub mod loader;
 pub mod machine;

@@ -24,8 +24,9 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::events::{StopReason, VmEvent};
+use crate::kernel_image;
 use crate::kvm::{HostKvm, KvmError, Vm};
-use crate::loader::{self, LoadError};
+use crate::loader::{self, KernelFormat, LoadError};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::snapshot::{self, SnapshotError, VmSnapshot};
 use crate::vcpu::{install_kick_handler, SnapshotSupport, VcpuThreads};
@@ -202,7 +203,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     // `snapshot` was read from `restore_snapshot`: both are set or neither.
     let images = match &config.restore_snapshot {
         Some(dir) => {
-            snapshot::restore_memory(dir, &ram)?;
+            let shared = snapshot.as_ref().map_or(&[][..], |s| &s.shared[..]);
+            snapshot::restore_memory(dir, &ram, shared)?;
             step("guest memory restored");
             None
         }
@@ -365,6 +367,7 @@ fn save_snapshot(
         vm_state,
         devices.serial_state(),
         transports,
+        shared_kernel_ranges(config),
     );
     snapshot.write(&dir, ram)?;
     tracing::info!(
@@ -373,6 +376,22 @@ fn save_snapshot(
         "snapshot saved"
     );
     Ok(())
+}
+
+/// The guest memory that copies of this template can share: the kernel's
+/// code and read-only data, for an ELF kernel. Sharing is an optimisation, so
+/// a kernel whose sections cannot be read shares nothing.
+fn shared_kernel_ranges(config: &VmConfig) -> Vec<kernel_image::GuestRange> {
+    if !matches!(loader::detect_format(&config.kernel), Ok(KernelFormat::Elf)) {
+        return Vec::new();
+    }
+    match kernel_image::shared_ranges(&config.kernel) {
+        Ok(ranges) => ranges,
+        Err(err) => {
+            tracing::warn!("{err}; copies of this template share no memory");
+            Vec::new()
+        }
+    }
 }
 
 /// Cheap checks on the input files, before any memory is allocated.

@@ -64,6 +64,79 @@ impl GuestRam {
         }
         None
     }
+
+    /// The memfd offset of guest-physical address `addr`: the inverse of
+    /// [`GuestRam::guest_address`].
+    pub fn file_offset(&self, addr: GuestAddress) -> Option<u64> {
+        let mut base = 0;
+        for r in &self.ranges {
+            if addr.0 >= r.start && addr.0 - r.start < r.len {
+                return Some(base + (addr.0 - r.start));
+            }
+            base += r.len;
+        }
+        None
+    }
+
+    /// Maps `len` bytes of `file` at `offset` copy-on-write over guest RAM at
+    /// `addr`, in place of the memfd's pages.
+    ///
+    /// The guest sees the file's bytes, and its writes stay in this process:
+    /// the file never changes and the memfd keeps a hole there. Only for
+    /// memory that no device back end needs to see (processes that map the
+    /// memfd, such as virtiofsd, see the hole), before the vCPUs run.
+    pub fn map_file_private(
+        &self,
+        addr: GuestAddress,
+        len: usize,
+        file: &File,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let bad = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{len:#x} bytes at guest address {:#x}: {what}", addr.0),
+            )
+        };
+        let page = 4096;
+        let whole_pages = addr.0.is_multiple_of(page)
+            && (len as u64).is_multiple_of(page)
+            && offset.is_multiple_of(page);
+        if !whole_pages || len == 0 {
+            return Err(bad("not whole pages"));
+        }
+        // One region must hold the whole range: the new mapping replaces part
+        // of that region's mapping and nothing else.
+        self.mem
+            .get_slice(addr, len)
+            .map_err(|_| bad("not inside one RAM region"))?;
+        let host = self
+            .mem
+            .get_host_address(addr)
+            .map_err(|_| bad("not in guest RAM"))?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| bad("file offset too large"))?;
+        // SAFETY: [host, host + len) lies inside a mapping owned by `self.mem`
+        // (checked above), which outlives this call and unmaps the whole
+        // region, this part included, when dropped. MAP_FIXED replaces those
+        // pages atomically; guest memory is only ever accessed through
+        // volatile slices and by KVM (which follows the change through its MMU
+        // notifier), so no Rust reference to the old pages exists.
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// Creates `size` bytes of memfd-backed guest RAM, mapped shared.

@@ -9,7 +9,9 @@
 //! `memory` (guest RAM as a sparse file: only pages that are not zero). A
 //! restore builds the same VM, reads both back, and the guest resumes where it
 //! stopped as if nothing happened. This is what makes a sandbox start in a
-//! fraction of a boot.
+//! fraction of a boot. The kernel's code and read-only data are not copied
+//! but mapped copy-on-write from `memory`, shared by every copy (see
+//! [`crate::kernel_image`]); so the file must never change once saved.
 //!
 //! Everything read back is checked like guest input: a snapshot file is only
 //! trusted as far as the device and memory checks allow.
@@ -21,9 +23,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vm_memory::GuestAddress;
 
 use crate::devices::legacy::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
+use crate::kernel_image::GuestRange;
 use crate::kvm::{VcpuState, VmState};
 use crate::memory::GuestRam;
 
@@ -36,9 +40,11 @@ pub const TEMPLATE_PARAM: &str = "bulkhead.template=1";
 pub const MARKER: &str = "bulkhead-agent: template ready, save me";
 
 /// Bumped whenever the saved state's meaning changes.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
-const MEMORY_FILE: &str = "memory";
+/// The saved guest RAM, in a snapshot directory. Restored VMs map part of it
+/// (see [`VmSnapshot::shared`]), so it also names mappings of their memory.
+pub const MEMORY_FILE: &str = "memory";
 const PAGE: usize = 4096;
 /// A transparent huge page: the unit memory is saved in, and restored by.
 const HUGE_PAGE: u64 = 2 << 20;
@@ -89,6 +95,10 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
     /// The virtio transports, in MMIO address order.
     pub devices: Vec<TransportState>,
+    /// Guest-physical ranges that restores map copy-on-write from the memory
+    /// file instead of copying: the kernel's code and read-only data (see
+    /// [`crate::kernel_image`]). Sorted, page-aligned, not overlapping.
+    pub shared: Vec<GuestRange>,
 }
 
 impl VmSnapshot {
@@ -99,6 +109,7 @@ impl VmSnapshot {
         vm: VmState,
         serial: SerialSnapshot,
         devices: Vec<TransportState>,
+        shared: Vec<GuestRange>,
     ) -> Self {
         VmSnapshot {
             version: FORMAT_VERSION,
@@ -107,6 +118,7 @@ impl VmSnapshot {
             vm,
             serial,
             devices,
+            shared,
         }
     }
 
@@ -143,6 +155,12 @@ impl VmSnapshot {
                 dir: dir.to_owned(),
                 expected: shape(memory_bytes, vcpus),
                 found: shape(snapshot.memory_bytes, snapshot.vcpus.len()),
+            });
+        }
+        if let Err(reason) = check_ranges(&snapshot.shared) {
+            return Err(SnapshotError::State {
+                path,
+                reason: format!("shared memory ranges: {reason}"),
             });
         }
         Ok(snapshot)
@@ -196,8 +214,29 @@ fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
     out.sync_all().map_err(io)
 }
 
+/// Checks that `ranges` are whole pages, in order and apart (where they lie
+/// in guest RAM is checked when they are mapped).
+fn check_ranges(ranges: &[GuestRange]) -> Result<(), String> {
+    let page = PAGE as u64;
+    let mut previous_end = 0;
+    for &(start, end) in ranges {
+        if !start.is_multiple_of(page)
+            || !end.is_multiple_of(page)
+            || start >= end
+            || start < previous_end
+        {
+            return Err(format!(
+                "{start:#x}..{end:#x} is not a page-aligned range after {previous_end:#x}"
+            ));
+        }
+        previous_end = end;
+    }
+    Ok(())
+}
+
 /// Fills `ram` from the snapshot's memory file; the holes are already zero in
-/// a fresh memfd.
+/// a fresh memfd. The `shared` guest ranges are mapped copy-on-write from the
+/// file instead (see [`crate::kernel_image`]).
 ///
 /// The data are read through the guest's mapping, which asks for transparent
 /// huge pages: each 2 MiB block that holds data is then one huge page, which
@@ -209,7 +248,11 @@ fn save_memory(memfd: &File, path: &Path) -> Result<(), SnapshotError> {
 /// (the kernel, the agent), so the extra memory is small; blocks with only a
 /// few pages of data get small pages instead (see [`SPARSE_BLOCK_DIVISOR`]).
 /// The copy is split between two threads: it is most of a resume.
-pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
+pub fn restore_memory(
+    dir: &Path,
+    ram: &GuestRam,
+    shared: &[GuestRange],
+) -> Result<(), SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let io = |source| SnapshotError::Io {
         path: path.clone(),
@@ -225,7 +268,27 @@ pub fn restore_memory(dir: &Path, ram: &GuestRam) -> Result<(), SnapshotError> {
             found: format!("a memory file of {size} bytes"),
         });
     }
-    let pieces = split_at_blocks(&data_extents(&file, size).map_err(io)?);
+    let mut mapped = Vec::with_capacity(shared.len());
+    for &(start, end) in shared {
+        let len = end - start;
+        let offset = ram
+            .file_offset(GuestAddress(start))
+            .filter(|&o| ram.file_offset(GuestAddress(end - 1)) == Some(o + len - 1))
+            .ok_or_else(|| SnapshotError::State {
+                path: dir.join(STATE_FILE),
+                reason: format!("shared range {start:#x}..{end:#x} is not in one range of RAM"),
+            })?;
+        ram.map_file_private(GuestAddress(start), len as usize, &file, offset)
+            .map_err(io)?;
+        mapped.push((offset, offset + len));
+    }
+    let data = subtract(&data_extents(&file, size).map_err(io)?, &mapped);
+    tracing::debug!(
+        shared_kib = mapped.iter().map(|(s, e)| e - s).sum::<u64>() >> 10,
+        copied_kib = data.iter().map(|(s, e)| e - s).sum::<u64>() >> 10,
+        "restoring guest memory"
+    );
+    let pieces = split_at_blocks(&data);
     let (dense, sparse) = by_block_density(&pieces);
     let (first, second) = split_evenly(&dense);
     std::thread::scope(|scope| {
@@ -277,6 +340,28 @@ fn copy_small_pages(file: &File, memfd: &File, pieces: &[Extent]) -> std::io::Re
 /// A `[start, end)` byte range of the memory file (and of the memfd: the same
 /// offsets).
 type Extent = (u64, u64);
+
+/// The parts of `extents` outside `holes` (both sorted, neither overlapping
+/// itself).
+fn subtract(extents: &[Extent], holes: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(extents.len());
+    for &(start, end) in extents {
+        let mut from = start;
+        for &(hole_start, hole_end) in holes {
+            if hole_end <= from || hole_start >= end {
+                continue;
+            }
+            if hole_start > from {
+                out.push((from, hole_start));
+            }
+            from = from.max(hole_end);
+        }
+        if from < end {
+            out.push((from, end));
+        }
+    }
+    out
+}
 
 /// Splits `extents` at 2 MiB boundaries: a piece never spans two RAM ranges
 /// (they start and end on such boundaries) and is at most one huge page.
@@ -386,7 +471,7 @@ mod tests {
         assert!(saved <= 4 * PAGE as u64, "{extents:x?}");
 
         let restored = crate::memory::create(32 << 20).unwrap();
-        restore_memory(dir.path(), &restored).unwrap();
+        restore_memory(dir.path(), &restored, &[]).unwrap();
         let mut got = [0u8; 8];
         restored.mem.read_slice(&mut got, a).unwrap();
         assert_eq!(&got, b"template");
@@ -425,7 +510,7 @@ mod tests {
             .unwrap();
         save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
         let restored = crate::memory::create(8 << 20).unwrap();
-        restore_memory(dir.path(), &restored).unwrap();
+        restore_memory(dir.path(), &restored, &[]).unwrap();
         let mut got = vec![0u8; data.len() + 2 * PAGE];
         restored
             .mem
@@ -451,12 +536,72 @@ mod tests {
     }
 
     #[test]
+    fn shared_ranges_are_mapped_from_the_file_not_copied() {
+        let ram = crate::memory::create(8 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+        ram.mem.write_slice(&data, GuestAddress(1 << 20)).unwrap();
+        save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        let before = std::fs::read(&path).unwrap();
+
+        let shared = (2 << 20, (3 << 20) + 8 * PAGE as u64);
+        let restored = crate::memory::create(8 << 20).unwrap();
+        restore_memory(dir.path(), &restored, &[shared]).unwrap();
+        // The guest sees every byte, shared or copied.
+        let mut got = vec![0u8; data.len()];
+        restored
+            .mem
+            .read_slice(&mut got, GuestAddress(1 << 20))
+            .unwrap();
+        assert_eq!(got, data);
+        // The memfd (what virtiofsd maps) holds the copied part only.
+        let mut copied = vec![0u8; PAGE];
+        restored.memfd.read_exact_at(&mut copied, 1 << 20).unwrap();
+        assert_eq!(copied, data[..PAGE]);
+        let mut hole = vec![0xffu8; PAGE];
+        restored.memfd.read_exact_at(&mut hole, 2 << 20).unwrap();
+        assert!(hole.iter().all(|&b| b == 0));
+        // A guest write to a shared page stays in this VM.
+        restored
+            .mem
+            .write_slice(b"mine", GuestAddress(2 << 20))
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn shared_ranges_outside_ram_or_out_of_order_are_refused() {
+        let ram = crate::memory::create(8 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
+        let restored = crate::memory::create(8 << 20).unwrap();
+        let err = restore_memory(dir.path(), &restored, &[(6 << 20, 10 << 20)]).unwrap_err();
+        assert!(err.to_string().contains("not in one range of RAM"), "{err}");
+        assert!(check_ranges(&[(0, 0x2000), (0x3000, 0x4000)]).is_ok());
+        assert!(check_ranges(&[(0x3000, 0x4000), (0, 0x2000)]).is_err());
+        assert!(check_ranges(&[(0, 0x1800)]).is_err());
+        assert!(check_ranges(&[(0x1000, 0x1000)]).is_err());
+    }
+
+    #[test]
+    fn subtracting_holes_keeps_the_rest_of_each_extent() {
+        let extents = [(0, 100), (200, 300), (400, 500)];
+        assert_eq!(
+            subtract(&extents, &[(50, 250), (420, 430), (480, 600)]),
+            vec![(0, 50), (250, 300), (400, 420), (430, 480)]
+        );
+        assert_eq!(subtract(&extents, &[]), extents.to_vec());
+        assert_eq!(subtract(&extents, &[(0, 1000)]), vec![]);
+    }
+
+    #[test]
     fn a_memory_file_of_another_size_is_refused() {
         let ram = crate::memory::create(32 << 20).unwrap();
         let dir = tempfile::tempdir().unwrap();
         save_memory(&ram.memfd, &dir.path().join(MEMORY_FILE)).unwrap();
         let bigger = crate::memory::create(64 << 20).unwrap();
-        let err = restore_memory(dir.path(), &bigger).unwrap_err();
+        let err = restore_memory(dir.path(), &bigger, &[]).unwrap_err();
         assert!(matches!(err, SnapshotError::Mismatch { .. }), "{err}");
     }
 }

@@ -225,8 +225,12 @@ fn idle_sandbox_memory(inputs: &Inputs) -> Result<(f64, f64)> {
         for pid in pids_named(name) {
             pss_kib += smaps_field_sum(pid, "Pss:", None);
             if name == "bulkhead-vmm" {
+                // Guest RAM is the memfd, and the kernel pages a restored VM
+                // maps from its template's memory file.
                 guest_kib +=
                     smaps_field_sum(pid, "Rss:", Some(bulkhead_vmm::memory::GUEST_MEMFD_NAME));
+                let template_memory = format!("/{}", bulkhead_vmm::snapshot::MEMORY_FILE);
+                guest_kib += smaps_field_sum(pid, "Rss:", Some(&template_memory));
             }
         }
     }
