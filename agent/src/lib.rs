@@ -35,6 +35,7 @@ pub mod ready;
 pub mod registry;
 pub mod rootfs;
 pub mod rpc;
+pub mod shared_pages;
 pub mod spare_netns;
 pub mod stdio;
 pub mod streams;

@@ -38,8 +38,16 @@ pub async fn save_and_wait_for_resume() -> io::Result<()> {
         Ok(Err(err)) => eprintln!("bulkhead-agent: zeroing free memory: {err}"),
         Err(err) => eprintln!("bulkhead-agent: zeroing free memory: {err}"),
     }
-    // One write, so that no other console output splits the marker.
-    eprintln!("{MARKER}");
+    let shared = match crate::shared_pages::report(std::path::Path::new("/proc/self/exe")) {
+        Ok(Some(line)) => format!("{line}\n"),
+        Ok(None) => String::new(),
+        Err(err) => {
+            eprintln!("bulkhead-agent: the agent's pages cannot be shared: {err}");
+            String::new()
+        }
+    };
+    // One write, so that no other console output splits the lines.
+    let _ = io::Write::write_all(&mut io::stderr(), format!("{shared}{MARKER}\n").as_bytes());
     let (_go, _) = listener.accept().await?;
     Ok(())
 }

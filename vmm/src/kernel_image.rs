@@ -94,7 +94,7 @@ fn physical_pages(segments: &[Segment], vaddr: u64, size: u64) -> Option<GuestRa
 }
 
 /// Sorts `ranges` and merges those that touch or overlap.
-fn merge(mut ranges: Vec<GuestRange>) -> Vec<GuestRange> {
+pub fn merge(mut ranges: Vec<GuestRange>) -> Vec<GuestRange> {
     ranges.sort_unstable();
     let mut merged: Vec<GuestRange> = Vec::with_capacity(ranges.len());
     for (start, end) in ranges {

@@ -9,6 +9,7 @@
 //! `vcpu` (threads), `snapshot` (templates: save and restore a whole VM),
 //! `machine` (puts it together).
 
+pub mod agent_pages;
 pub mod arch;
 pub mod config;
 pub mod devices;

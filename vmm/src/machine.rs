@@ -12,6 +12,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::agent_pages;
 use crate::arch::x86_64::layout::{EBDA_START, MMIO_DEVICES_START, ZERO_PAGE_START};
 use crate::arch::x86_64::{bootparams, mptable, regs};
 use crate::config::{ConfigError, ConsoleSpec, VmConfig};
@@ -315,7 +316,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
             Ok(outcome)
         }
         Ok(Waited::SnapshotRequested) => {
-            let saved = save_snapshot(config, &vm, &ram, threads, &devices, &mmio);
+            let saved = save_snapshot(config, &vm, &ram, threads, &devices, &mmio, &tail);
             saved.map(|()| Outcome {
                 reason: StopReason::SnapshotSaved,
                 ready_after: None,
@@ -349,6 +350,7 @@ fn save_snapshot(
     threads: VcpuThreads,
     devices: &LegacyDevices,
     mmio: &MmioBus,
+    console: &SharedTail,
 ) -> Result<(), VmmError> {
     let dir = config.save_snapshot.clone().unwrap_or_default();
     let failed = |reason: String| {
@@ -367,7 +369,7 @@ fn save_snapshot(
         vm_state,
         devices.serial_state(),
         transports,
-        shared_kernel_ranges(config),
+        shared_ranges(config, ram, &tail_text(console)),
     );
     snapshot.write(&dir, ram)?;
     tracing::info!(
@@ -379,8 +381,30 @@ fn save_snapshot(
 }
 
 /// The guest memory that copies of this template can share: the kernel's
-/// code and read-only data, for an ELF kernel. Sharing is an optimisation, so
-/// a kernel whose sections cannot be read shares nothing.
+/// code and read-only data, and the agent's binary as the agent reported it
+/// on the console just before asking to be saved. Ranges that are not in one
+/// piece of RAM are left out (a restore would refuse them).
+fn shared_ranges(
+    config: &VmConfig,
+    ram: &GuestRam,
+    console: &str,
+) -> Vec<kernel_image::GuestRange> {
+    let mut ranges = shared_kernel_ranges(config);
+    ranges.extend(agent_pages::parse(console));
+    let in_ram = |&(start, end): &kernel_image::GuestRange| {
+        ram.file_offset(GuestAddress(start))
+            .is_some_and(|o| ram.file_offset(GuestAddress(end - 1)) == Some(o + (end - start) - 1))
+    };
+    let (kept, refused): (Vec<_>, Vec<_>) =
+        kernel_image::merge(ranges).into_iter().partition(in_ram);
+    if !refused.is_empty() {
+        tracing::warn!("shared ranges outside guest RAM left out: {refused:x?}");
+    }
+    kept
+}
+
+/// The kernel's code and read-only data, for an ELF kernel. Sharing is an
+/// optimisation, so a kernel whose sections cannot be read shares nothing.
 fn shared_kernel_ranges(config: &VmConfig) -> Vec<kernel_image::GuestRange> {
     if !matches!(loader::detect_format(&config.kernel), Ok(KernelFormat::Elf)) {
         return Vec::new();
