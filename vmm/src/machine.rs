@@ -391,10 +391,8 @@ fn shared_ranges(
 ) -> Vec<kernel_image::GuestRange> {
     let mut ranges = shared_kernel_ranges(config);
     ranges.extend(agent_pages::parse(console));
-    let in_ram = |&(start, end): &kernel_image::GuestRange| {
-        ram.file_offset(GuestAddress(start))
-            .is_some_and(|o| ram.file_offset(GuestAddress(end - 1)) == Some(o + (end - start) - 1))
-    };
+    let in_ram =
+        |&(start, end): &kernel_image::GuestRange| ram.file_offset_of_range(start, end).is_some();
     let (kept, refused): (Vec<_>, Vec<_>) =
         kernel_image::merge(ranges).into_iter().partition(in_ram);
     if !refused.is_empty() {

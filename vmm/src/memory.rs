@@ -78,6 +78,14 @@ impl GuestRam {
         None
     }
 
+    /// The memfd offset of guest-physical `[start, end)`, if one RAM range
+    /// holds all of it (so that it is one piece of the memfd too).
+    pub fn file_offset_of_range(&self, start: u64, end: u64) -> Option<u64> {
+        let last = end.checked_sub(1).filter(|&last| last >= start)?;
+        let offset = self.file_offset(GuestAddress(start))?;
+        (self.file_offset(GuestAddress(last)) == Some(offset + (last - start))).then_some(offset)
+    }
+
     /// Maps `len` bytes of `file` at `offset` copy-on-write over guest RAM at
     /// `addr`, in place of the memfd's pages.
     ///
@@ -223,5 +231,13 @@ mod tests {
             Some(GuestAddress(ram.ranges[1].start))
         );
         assert_eq!(ram.guest_address(low - 1), Some(GuestAddress(low - 1)));
+        // The inverse, and ranges that would span the gap.
+        let high = ram.ranges[1].start;
+        assert_eq!(ram.file_offset(GuestAddress(high)), Some(low));
+        assert_eq!(ram.file_offset(GuestAddress(low)), None);
+        assert_eq!(ram.file_offset_of_range(0x1000, 0x3000), Some(0x1000));
+        assert_eq!(ram.file_offset_of_range(high, high + 0x1000), Some(low));
+        assert_eq!(ram.file_offset_of_range(low - 0x1000, high + 0x1000), None);
+        assert_eq!(ram.file_offset_of_range(0x2000, 0x2000), None);
     }
 }

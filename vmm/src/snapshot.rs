@@ -272,8 +272,7 @@ pub fn restore_memory(
     for &(start, end) in shared {
         let len = end - start;
         let offset = ram
-            .file_offset(GuestAddress(start))
-            .filter(|&o| ram.file_offset(GuestAddress(end - 1)) == Some(o + len - 1))
+            .file_offset_of_range(start, end)
             .ok_or_else(|| SnapshotError::State {
                 path: dir.join(STATE_FILE),
                 reason: format!("shared range {start:#x}..{end:#x} is not in one range of RAM"),
