@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// The start of the console line that lists the pages (bulkhead-vmm's
-/// `shared_pages::AGENT_PREFIX`).
+/// `agent_pages::AGENT_PREFIX`).
 pub const PREFIX: &str = "bulkhead-agent: pages to share:";
 
 /// At most this many ranges are reported (bulkhead-vmm keeps 512 bytes of a

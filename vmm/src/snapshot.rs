@@ -9,9 +9,10 @@
 //! `memory` (guest RAM as a sparse file: only pages that are not zero). A
 //! restore builds the same VM, reads both back, and the guest resumes where it
 //! stopped as if nothing happened. This is what makes a sandbox start in a
-//! fraction of a boot. The kernel's code and read-only data are not copied
-//! but mapped copy-on-write from `memory`, shared by every copy (see
-//! [`crate::kernel_image`]); so the file must never change once saved.
+//! fraction of a boot. The kernel's code and read-only data, and the pages
+//! of the agent's binary, are not copied but mapped copy-on-write from
+//! `memory`, shared by every copy (see [`crate::kernel_image`] and
+//! [`crate::agent_pages`]); so the file must never change once saved.
 //!
 //! Everything read back is checked like guest input: a snapshot file is only
 //! trusted as far as the device and memory checks allow.
@@ -97,7 +98,8 @@ pub struct VmSnapshot {
     pub devices: Vec<TransportState>,
     /// Guest-physical ranges that restores map copy-on-write from the memory
     /// file instead of copying: the kernel's code and read-only data (see
-    /// [`crate::kernel_image`]). Sorted, page-aligned, not overlapping.
+    /// [`crate::kernel_image`]) and the agent's binary (see
+    /// [`crate::agent_pages`]). Sorted, page-aligned, not overlapping.
     pub shared: Vec<GuestRange>,
 }
 
@@ -236,7 +238,7 @@ fn check_ranges(ranges: &[GuestRange]) -> Result<(), String> {
 
 /// Fills `ram` from the snapshot's memory file; the holes are already zero in
 /// a fresh memfd. The `shared` guest ranges are mapped copy-on-write from the
-/// file instead (see [`crate::kernel_image`]).
+/// file instead (see [`VmSnapshot::shared`]).
 ///
 /// The data are read through the guest's mapping, which asks for transparent
 /// huge pages: each 2 MiB block that holds data is then one huge page, which
