@@ -8,7 +8,7 @@ use crate::{images, place, workspace};
 /// Builds what the demo needs, then runs a container where KVM can boot it.
 pub fn run() -> Result<()> {
     let target = workspace::root().join("target");
-    let cli = target.join("release").join("bulkhead");
+    let cli = workspace::release_bin_dir().join("bulkhead");
     let archive = target.join("images").join("busybox.tar");
     // Inside the emulated host the outer run has built everything already.
     if !bulkhead_tests::kvm::inside_emulated_host() {

@@ -42,7 +42,7 @@ pub fn build_agent() -> Result<PathBuf> {
             "--package",
             "bulkhead-agent",
         ])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .args(["--target", workspace::HOST_TRIPLE])
         .arg("--target-dir")
         .arg(&target_dir)
         // Not position-independent: the agent also runs as every container's
@@ -75,7 +75,7 @@ pub fn build_agent() -> Result<PathBuf> {
         "building the static bulkhead-agent failed ({status})"
     );
     let agent = target_dir
-        .join("x86_64-unknown-linux-gnu")
+        .join(workspace::HOST_TRIPLE)
         .join("release")
         .join("bulkhead-agent");
     ensure!(

@@ -46,7 +46,11 @@ enum Task {
         #[arg(long, default_value = "target/guest")]
         out: PathBuf,
     },
-    /// Boot a microVM that prints what it sees, then stops.
+    /// Build what to install: the guest (target/guest/) and the static
+    /// release binaries `bulkhead`, `containerd-shim-bulkhead-v2` and
+    /// `bulkhead-vmm` (target/static/x86_64-unknown-linux-gnu/release/).
+    Build,
+    /// Run a command in a container in a microVM, printing its output.
     Demo,
     /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
     Test,
@@ -105,6 +109,15 @@ fn run(task: Task) -> Result<()> {
                 "guest: {} and {}",
                 guest.kernel.display(),
                 guest.initrd.display()
+            );
+            Ok(())
+        }
+        Task::Build => {
+            workspace::build_release_runtime()?;
+            println!(
+                "build: guest in {}, binaries in {}",
+                workspace::guest_dir().display(),
+                workspace::release_bin_dir().display()
             );
             Ok(())
         }

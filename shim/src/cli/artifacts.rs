@@ -128,6 +128,18 @@ pub struct ArtifactError {
     pub fix: String,
 }
 
+/// In a development checkout, the `target/guest` that `cargo xtask guest`
+/// fills, for a binary in `target/<profile>/` or in the static release build's
+/// `target/static/<triple>/release/`: the nearest ancestor of `exe_dir` called
+/// `target`, or else `exe_dir`'s parent (a `CARGO_TARGET_DIR` of another name).
+fn checkout_guest_dir(exe_dir: &Path) -> Option<PathBuf> {
+    let target = exe_dir
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "target"))
+        .or_else(|| exe_dir.parent())?;
+    Some(target.join("guest"))
+}
+
 /// A default place to look.
 enum Place {
     /// This file.
@@ -199,11 +211,7 @@ impl Artifact {
         let exe_dir = std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(Path::to_path_buf));
-        // target/<profile>/bulkhead -> target/guest
-        let dev_guest = exe_dir
-            .as_deref()
-            .and_then(Path::parent)
-            .map(|target| target.join("guest"));
+        let dev_guest = exe_dir.as_deref().and_then(checkout_guest_dir);
         let share = Path::new("/usr/share/bulkhead");
         let at = |p: Option<PathBuf>| p.map(Place::At);
         match self {
@@ -390,5 +398,16 @@ mod tests {
             e.fix,
             "set `vmm` in /etc/bulkhead/config.toml or $BULKHEAD_VMM, or install it next to `bulkhead`"
         );
+    }
+
+    #[test]
+    fn a_checkout_binary_finds_target_guest() {
+        let guest = |exe_dir: &str| checkout_guest_dir(Path::new(exe_dir)).unwrap();
+        assert_eq!(guest("/src/target/release"), Path::new("/src/target/guest"));
+        assert_eq!(
+            guest("/src/target/static/x86_64-unknown-linux-gnu/release"),
+            Path::new("/src/target/guest")
+        );
+        assert_eq!(guest("/build/out/debug"), Path::new("/build/out/guest"));
     }
 }

@@ -75,12 +75,12 @@ struct Inputs {
 pub fn run(runs: usize) -> Result<()> {
     let guest = workspace::guest_dir();
     let inputs = Inputs {
-        vmm: workspace::vmm_path(true),
+        vmm: workspace::release_bin_dir().join("bulkhead-vmm"),
         kernel: guest.join("vmlinux"),
         initrd: guest.join("bench-initrd.cpio"),
     };
     if !bulkhead_tests::kvm::inside_emulated_host() {
-        workspace::build_vmm(true)?;
+        workspace::build_release_binaries()?;
         kernel::build(&guest)?;
         busybox_initrd(BENCH_INIT, &inputs.initrd).context("building the benchmark initrd")?;
     }

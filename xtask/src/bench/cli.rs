@@ -15,7 +15,7 @@ use crate::{images, place, workspace};
 pub fn run(runs: usize) -> Result<()> {
     let target = workspace::root().join("target");
     let inputs = Inputs {
-        cli: target.join("release").join("bulkhead"),
+        cli: workspace::release_bin_dir().join("bulkhead"),
         rootfs: target.join("images").join("busybox-rootfs"),
         bundle: target.join("bench").join("cli-bundle"),
     };

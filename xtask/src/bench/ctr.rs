@@ -24,7 +24,7 @@ const DEADLINE: Duration = Duration::from_secs(600);
 pub fn run(runs: usize) -> Result<()> {
     let target = workspace::root().join("target");
     let rootfs = target.join("bench").join("rootfs");
-    let shim_dir = target.join("release");
+    let shim_dir = workspace::release_bin_dir();
     if !bulkhead_tests::kvm::inside_emulated_host() {
         workspace::build_release_runtime()?;
         crate::rootfs::busybox(&rootfs)?;

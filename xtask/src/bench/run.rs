@@ -25,7 +25,7 @@ pub(super) struct Inputs {
 pub fn run(runs: usize) -> Result<()> {
     let target = workspace::root().join("target");
     let inputs = Inputs {
-        cli: target.join("release").join("bulkhead"),
+        cli: workspace::release_bin_dir().join("bulkhead"),
         rootfs: target.join("bench").join("rootfs"),
         bundle: target.join("bench").join("bundle"),
     };
