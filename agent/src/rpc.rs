@@ -471,14 +471,18 @@ impl AgentService {
         resp
     }
 
-    fn do_shutdown(&self) -> ShutdownResponse {
-        let containers = self.containers.all();
-        tokio::spawn(async move {
+    /// Kills every container and flushes every file system before answering,
+    /// so the answer tells the host that the share holds all the guest wrote
+    /// and the VM may be ended; then powers off by itself, in case the host
+    /// does not end it.
+    async fn do_shutdown(&self) -> ShutdownResponse {
+        for entry in self.containers.all() {
+            let _ = entry.container.signal(libc::SIGKILL, true);
+        }
+        let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+        tokio::spawn(async {
             // Let the reply leave first.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            for entry in containers {
-                let _ = entry.container.signal(libc::SIGKILL, true);
-            }
             let _ = tokio::task::spawn_blocking(power_off).await;
         });
         ShutdownResponse::new()
@@ -668,7 +672,9 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ShutdownRequest,
     ) -> ttrpc::Result<ShutdownResponse> {
-        self.call("Shutdown", req.validate(), async { Ok(self.do_shutdown()) })
-            .await
+        self.call("Shutdown", req.validate(), async {
+            Ok(self.do_shutdown().await)
+        })
+        .await
     }
 }

@@ -296,6 +296,7 @@ async fn run_container(
     containers.set_state(&record.id, state)?;
     let pumps = process_io::pump(streams, &process, sinks);
     let code = process_io::wait(conn, &process, pumps).await?;
+    tracing::debug!(container = sid, code, "the container's process exited");
     state.oom_killed = oom_killed(conn, sid).await;
     if state.oom_killed && attach == Attach::Foreground {
         let limit = record
@@ -316,6 +317,7 @@ async fn run_container(
     {
         tracing::warn!(container = sid, "RemoveContainer: {e}");
     }
+    tracing::debug!(container = sid, "removed in the guest");
     Ok(code)
 }
 

@@ -445,7 +445,16 @@ impl Sandbox {
 
     /// Asks the agent to shut the VM down, then makes sure every process is gone
     /// and removes the sandbox directory with its mounts.
+    ///
+    /// The agent answers Shutdown once its containers are killed and every
+    /// guest file system is flushed (the share's writes are on the host). From
+    /// then on nothing in the guest matters, so bulkhead-vmm is killed at once
+    /// rather than waiting for the guest kernel's own power-off (about 200 ms
+    /// under emulation). Without that answer, the VM gets 5 s to stop by
+    /// itself.
     pub async fn stop(mut self) -> Result<(), SandboxError> {
+        let started = std::time::Instant::now();
+        let ms = || started.elapsed().as_millis() as u64;
         let polite = self
             .connection
             .agent
@@ -454,12 +463,22 @@ impl Sandbox {
                 &ShutdownRequest::new(),
             )
             .await;
-        if let Err(e) = polite {
-            tracing::debug!(sandbox = %self.id, "Shutdown RPC: {e}");
+        match polite {
+            Ok(_) => {
+                tracing::debug!(sandbox = %self.id, ms = ms(), "the agent flushed the guest");
+                self.vmm.kill().await;
+            }
+            Err(e) => {
+                tracing::debug!(sandbox = %self.id, ms = ms(), "Shutdown RPC: {e}");
+                self.vmm.stop(Duration::from_secs(5)).await;
+            }
         }
-        self.vmm.stop(Duration::from_secs(5)).await;
+        tracing::debug!(sandbox = %self.id, ms = ms(), "bulkhead-vmm stopped");
         self.virtiofsd.stop(Duration::from_secs(2)).await;
-        self.dir.remove()
+        tracing::debug!(sandbox = %self.id, ms = ms(), "virtiofsd stopped");
+        let removed = self.dir.remove();
+        tracing::debug!(sandbox = %self.id, ms = ms(), "sandbox directory removed");
+        removed
     }
 }
 

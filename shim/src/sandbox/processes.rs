@@ -71,6 +71,13 @@ impl HostProcess {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Kills it at once and reaps it.
+    pub async fn kill(&mut self) {
+        if let Err(e) = self.child.kill().await {
+            tracing::debug!("killing {}: {e}", self.name);
+        }
+    }
+
     /// Waits up to `patience` for it to exit by itself, then kills it; always reaps.
     pub async fn stop(&mut self, patience: Duration) {
         if tokio::time::timeout(patience, self.child.wait())
