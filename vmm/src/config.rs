@@ -159,6 +159,11 @@ pub struct VsockConfig {
     pub cid: u32,
     /// The host Unix socket.
     pub uds_path: PathBuf,
+    /// A listening socket already bound at `uds_path`, passed down by the
+    /// parent as this descriptor number (so the parent can connect before
+    /// this process has started). Without it the VMM binds `uds_path` itself.
+    #[serde(default)]
+    pub listener_fd: Option<i32>,
 }
 
 fn default_memory() -> u32 {
@@ -289,6 +294,11 @@ impl VmConfig {
             if vsock.cid < 3 {
                 return Err(ConfigError::VsockCid(vsock.cid));
             }
+            if vsock.listener_fd.is_some_and(|fd| fd < 3) {
+                return Err(ConfigError::Invalid(
+                    "vsock.listener_fd must be a passed descriptor (3 or more)",
+                ));
+            }
         }
         Ok(())
     }
@@ -390,13 +400,24 @@ mod tests {
         c.vsock = Some(VsockConfig {
             cid: 2,
             uds_path: "/run/v.sock".into(),
+            listener_fd: None,
         });
         assert!(matches!(c.validate(), Err(ConfigError::VsockCid(2))));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: "/run/v.sock".into(),
+            listener_fd: Some(2),
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
         assert!("no-equals".parse::<FsConfig>().is_err());
         let json = r#"{"kernel": "/k", "fs": [{"tag": "t", "socket": "/s"}], "vsock": {"cid": 3, "uds_path": "/v"}}"#;
         let parsed: VmConfig = serde_json::from_str(json).unwrap();
         assert_eq!(parsed.fs[0].tag, "t");
-        assert_eq!(parsed.vsock.unwrap().cid, 3);
+        let vsock = parsed.vsock.unwrap();
+        assert_eq!((vsock.cid, vsock.listener_fd), (3, None));
+        let json = r#"{"kernel": "/k", "vsock": {"cid": 3, "uds_path": "/v", "listener_fd": 3}}"#;
+        let parsed: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed.vsock.unwrap().listener_fd, Some(3));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod events;
+pub mod inherited_socket;
 pub mod kernel_image;
 pub mod kvm;
 pub mod loader;

@@ -25,6 +25,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::events::{StopReason, VmEvent};
+use crate::inherited_socket::take_unix_listener;
 use crate::kernel_image;
 use crate::kvm::{HostKvm, KvmError, Vm};
 use crate::loader::{self, KernelFormat, LoadError};
@@ -187,18 +188,23 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     }
     vm.map_memory(&ram.mem)?;
     step("VM created");
-    // The vsock device binds its host socket now, before the slow part: a host
-    // that connects while guest memory is being filled then waits on its
-    // connection instead of polling for the socket to appear.
+    // The vsock device binds its host socket now (unless the parent bound it
+    // already), before the slow part: a host that connects while guest memory
+    // is being filled then waits on its connection instead of polling for the
+    // socket to appear.
     let vsock: Option<Box<dyn VirtioDevice>> = match &config.vsock {
-        Some(vsock) => Some(Box::new(
-            Vsock::new(u64::from(vsock.cid), vsock.uds_path.clone()).map_err(|source| {
-                VmmError::Vsock {
-                    path: vsock.uds_path.clone(),
-                    source,
-                }
-            })?,
-        )),
+        Some(vsock) => {
+            let cid = u64::from(vsock.cid);
+            let path = vsock.uds_path.clone();
+            let device = match vsock.listener_fd {
+                Some(fd) => take_unix_listener(fd, &path)
+                    .and_then(|listener| Vsock::with_listener(cid, path.clone(), listener)),
+                None => Vsock::new(cid, path.clone()),
+            };
+            Some(Box::new(
+                device.map_err(|source| VmmError::Vsock { path, source })?,
+            ))
+        }
         None => None,
     };
     // `snapshot` was read from `restore_snapshot`: both are set or neither.

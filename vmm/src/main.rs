@@ -21,7 +21,7 @@ Logs go to stderr; set BULKHEAD_LOG (e.g. info, debug) for more.";
 struct Cli {
     /// Read the whole configuration from this JSON file (same fields as the flags:
     /// kernel, initrd, cmdline, memory, vcpus, console, boot_timeout, ready_marker,
-    /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path},
+    /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path, listener_fd},
     /// save_snapshot, restore_snapshot).
     #[arg(long, exclusive = true, value_name = "FILE.json")]
     config: Option<PathBuf>,
@@ -107,7 +107,11 @@ impl Cli {
             vsock: self
                 .vsock_cid
                 .zip(self.vsock_uds)
-                .map(|(cid, uds_path)| VsockConfig { cid, uds_path }),
+                .map(|(cid, uds_path)| VsockConfig {
+                    cid,
+                    uds_path,
+                    listener_fd: None,
+                }),
         };
         config.validate()?;
         Ok(config)

@@ -13,6 +13,8 @@ mod processes;
 pub mod templates;
 mod vsock;
 
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +43,9 @@ pub fn guest_share_path(name: &str) -> PathBuf {
 }
 /// The guest's vsock CID (any value >= 3 works: each VM has its own vsock device).
 const GUEST_CID: u32 = 3;
+
+/// The descriptor number bulkhead-vmm finds its vsock socket at.
+const VMM_VSOCK_LISTENER_FD: i32 = 3;
 /// Deadline for one RPC that should answer at once.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of console and logs quoted in errors.
@@ -508,6 +513,19 @@ impl VmProcesses {
             config.virtiofsd_cache,
         )?;
         let vsock_uds = dir.file("vsock.sock");
+        // Bound here and passed down, so the host can connect to the guest
+        // (a template's resume) as soon as the VMM runs, without polling for
+        // the VMM to create the socket.
+        let vsock_listener = std::os::unix::net::UnixListener::bind(&vsock_uds)
+            .and_then(|listener| {
+                std::fs::set_permissions(&vsock_uds, std::fs::Permissions::from_mode(0o600))?;
+                Ok(listener)
+            })
+            .map_err(|source| SandboxError::Io {
+                what: "listen on",
+                path: vsock_uds.clone(),
+                source,
+            })?;
         let ready_path = PathBuf::from(format!("{}_{HOST_READY_PORT}", vsock_uds.display()));
         let ready_listener =
             UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
@@ -523,7 +541,7 @@ impl VmProcesses {
             "console": dir.file("console.log"),
             "debug_console": config.debug_console,
             "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
-            "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds},
+            "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds, "listener_fd": VMM_VSOCK_LISTENER_FD},
         });
         adjust(&mut vm_config);
         let vm_config_path = dir.file("vm.json");
@@ -537,7 +555,11 @@ impl VmProcesses {
         })?;
         let mut cmd = Command::new(&config.vmm);
         cmd.arg("--config").arg(&vm_config_path);
+        processes::pass_descriptor(&mut cmd, vsock_listener.as_raw_fd(), VMM_VSOCK_LISTENER_FD);
         let vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
+        // The VMM has its copy; a connection now waits in the backlog until
+        // the VMM serves it, or fails when the VMM is gone.
+        drop(vsock_listener);
         // For `force_remove` after a crash of this process.
         vmm.write_pid_file(&dir.file("vmm.pid"));
         virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));

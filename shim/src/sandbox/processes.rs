@@ -1,7 +1,7 @@
 //! The sandbox's host processes: virtiofsd and bulkhead-vmm, each started with
 //! its output in the sandbox directory, killed and reaped when dropped.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -102,6 +102,22 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Makes the child of `cmd` find our descriptor `fd` as its descriptor
+/// `target` (which must be 3 or more, above its stdio). The caller keeps `fd`
+/// open until the child is spawned.
+pub fn pass_descriptor(cmd: &mut Command, fd: RawFd, target: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // dup2, which is async-signal-safe; dup2 clears close-on-exec on the copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts virtiofsd serving `shared` on the vhost-user socket `socket`.
 ///
 /// The socket is bound and listening before virtiofsd runs (it gets the
@@ -138,16 +154,7 @@ pub fn start_virtiofsd(
         "--cache",
         cache,
     ]);
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // dup2, which is async-signal-safe; dup2 clears close-on-exec on the copy.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(listener_fd, VIRTIOFSD_LISTENER_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_descriptor(&mut cmd, listener_fd, VIRTIOFSD_LISTENER_FD);
     let process = HostProcess::spawn("virtiofsd", cmd, log)?;
     // The child has its copy; ours closes here.
     drop(listener);

@@ -180,7 +180,9 @@ pub(super) async fn resume(
                 if Instant::now() >= deadline {
                     return Err(e);
                 }
-                // The VMM is still building the VM (its vsock socket is not there yet).
+                // The socket is ours from the start (see `VmProcesses::start`),
+                // so the connection waited for the VMM; an error here is the
+                // guest refusing the port, which a retry may get past.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }

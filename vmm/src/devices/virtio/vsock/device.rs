@@ -42,14 +42,21 @@ impl Vsock {
     /// before the guest is up: they wait in the backlog until the driver is
     /// active. The socket file is removed when the device is dropped.
     pub fn new(guest_cid: u64, uds_path: PathBuf) -> io::Result<Vsock> {
-        if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("vsock guest CID {guest_cid} is reserved or out of range"),
-            ));
-        }
+        check_guest_cid(guest_cid)?;
         let listener = UnixListener::bind(&uds_path)?;
         std::fs::set_permissions(&uds_path, std::fs::Permissions::from_mode(0o600))?;
+        Self::with_listener(guest_cid, uds_path, listener)
+    }
+
+    /// A vsock device serving `listener`, which its creator bound at
+    /// `uds_path` (see [`crate::inherited_socket`]). The socket file is
+    /// removed when the device is dropped.
+    pub fn with_listener(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        listener: UnixListener,
+    ) -> io::Result<Vsock> {
+        check_guest_cid(guest_cid)?;
         listener.set_nonblocking(true)?;
         Ok(Vsock {
             config: guest_cid.to_le_bytes(),
@@ -69,6 +76,17 @@ impl Vsock {
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
     }
+}
+
+/// 0-2 are reserved, and Linux reserves 2^32 - 1.
+fn check_guest_cid(guest_cid: u64) -> io::Result<()> {
+    if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("vsock guest CID {guest_cid} is reserved or out of range"),
+        ));
+    }
+    Ok(())
 }
 
 impl VirtioDevice for Vsock {
