@@ -574,7 +574,7 @@ impl VmProcesses {
     /// Stops a VM that will not be used: the VMM at once, then virtiofsd
     /// (which ends by itself when the VMM hangs up).
     async fn stop(&mut self) {
-        self.vmm.stop(Duration::ZERO).await;
+        self.vmm.kill().await;
         self.virtiofsd.stop(Duration::from_secs(2)).await;
     }
 }

@@ -262,7 +262,7 @@ async fn make(config: &SandboxConfig, key: &str, staging: &Path) -> Result<(), S
             console_tail,
         }),
         None => {
-            vm.vmm.stop(Duration::ZERO).await;
+            vm.vmm.kill().await;
             Err(SandboxError::BootTimeout {
                 secs: config.boot_timeout.as_secs(),
                 console_tail,
