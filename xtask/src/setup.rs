@@ -45,8 +45,6 @@ pub const PACKAGES: &[&str] = &[
     "skopeo",
     // CNI plugins (/usr/lib/cni) for pods under the tests' private containerd.
     "containernetworking-plugins",
-    // protoc: the tests' CRI client (crate k8s-cri) generates its code at build time.
-    "protobuf-compiler",
 ];
 
 /// Options of `cargo xtask setup`.
