@@ -5,258 +5,50 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use bulkhead::cli::doctor::{diagnose, use_colour};
+use bulkhead::cli::args::{Cli, Command, RunArgs};
+use bulkhead::cli::colour;
+use bulkhead::cli::doctor::diagnose;
 use bulkhead::cli::exec::{exec, ExecOptions};
 use bulkhead::cli::flags::{parse_cpus, parse_memory, parse_signal, parse_volume, read_env_file};
 use bulkhead::cli::monitor::{supervise, Attach};
 use bulkhead::cli::run::{run, RunOptions, Source};
 use bulkhead::cli::{images, manage};
 use bulkhead::config::{Config, ConfigError, ConfigFile, NamedBy, DEFAULT_LOG_LEVEL};
-use clap::{Parser, Subcommand};
-
-/// Containers in microVMs: each runs in its own KVM guest kernel.
-#[derive(Debug, Parser)]
-#[command(name = "bulkhead", version)]
-struct Cli {
-    /// Read settings from FILE instead of $BULKHEAD_CONFIG or /etc/bulkhead/config.toml.
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run a command in a new container, in its own microVM; exits with its
-    /// status (or prints its id with -d).
-    Run(RunArgs),
-    /// Run another command in a running container.
-    Exec(ExecArgs),
-    /// List containers (running ones; all with -a).
-    Ps(PsArgs),
-    /// Print a container's output (stdout and stderr as written).
-    Logs(LogsArgs),
-    /// Stop containers: their stop signal, then SIGKILL after a grace period.
-    Stop(StopArgs),
-    /// Send a signal to containers.
-    Kill(KillArgs),
-    /// Remove stopped containers (running ones too, with -f).
-    Rm(RmArgs),
-    /// Show containers' settings and state as JSON.
-    Inspect(NamesArgs),
-    /// Pull an image from a registry.
-    Pull(PullArgs),
-    /// Load images from an OCI layout (directory or tar) or a `docker save` tarball.
-    Load(LoadArgs),
-    /// List images.
-    Images(ImagesArgs),
-    /// Remove images.
-    Rmi(RmiArgs),
-    /// Check that this host can run bulkhead, and say how to fix what is missing;
-    /// exits 1 if a check failed.
-    Doctor(DoctorArgs),
-    /// (internal) Hold a detached container's microVM for its life.
-    #[command(name = "__monitor", hide = true)]
-    Monitor {
-        /// The container's id.
-        id: String,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-struct DoctorArgs {
-    /// The containerd config to check for bulkhead's runtime [default: /etc/containerd/config.toml].
-    #[arg(long, value_name = "FILE")]
-    containerd_config: Option<PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
-#[command(trailing_var_arg = true)]
-struct ExecArgs {
-    /// Keep stdin open and pass it to the process.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Give the process a terminal (pty).
-    #[arg(short, long)]
-    tty: bool,
-    /// Set an environment variable (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short, long = "workdir", value_name = "DIR")]
-    workdir: Option<String>,
-    /// User (name or UID, optionally :group) to run as.
-    #[arg(short, long, value_name = "USER[:GROUP]")]
-    user: Option<String>,
-    /// The container's name or id.
-    container: String,
-    /// The command and its arguments.
-    #[arg(allow_hyphen_values = true, value_name = "CMD")]
-    command: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-#[command(trailing_var_arg = true)]
-struct RunArgs {
-    /// Run on this host directory as the root file system instead of an image
-    /// (then every argument is the command).
-    #[arg(long, value_name = "DIR")]
-    rootfs: Option<PathBuf>,
-    /// Name the container; a random one otherwise.
-    #[arg(long)]
-    name: Option<String>,
-    /// Run in the background and print the container's id.
-    #[arg(short, long)]
-    detach: bool,
-    /// Remove the container when it exits.
-    #[arg(long)]
-    rm: bool,
-    /// Keep stdin open and pass it to the process.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Give the process a terminal (pty).
-    #[arg(short, long)]
-    tty: bool,
-    /// Set an environment variable (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Read environment variables from a file, one KEY=VALUE per line (repeatable).
-    #[arg(long = "env-file", value_name = "FILE")]
-    env_file: Vec<PathBuf>,
-    /// Bind a host directory into the container, read-only with :ro (repeatable).
-    #[arg(short, long = "volume", value_name = "HOST:CTR[:ro]")]
-    volume: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short, long = "workdir", value_name = "DIR")]
-    workdir: Option<String>,
-    /// User (name or UID, optionally :group) to run as.
-    #[arg(short, long, value_name = "USER[:GROUP]")]
-    user: Option<String>,
-    /// Override the image's entrypoint ("" for none).
-    #[arg(long, value_name = "CMD")]
-    entrypoint: Option<String>,
-    /// Memory limit of the container, e.g. 256m or 1g (the microVM gets this
-    /// plus the guest's share).
-    #[arg(short, long, value_name = "SIZE")]
-    memory: Option<String>,
-    /// CPUs for the container, e.g. 1.5 (the microVM gets that many vCPUs,
-    /// rounded up) [default: the config's `vcpus`, 1].
-    #[arg(long)]
-    cpus: Option<String>,
-    /// Mount the root file system read-only.
-    #[arg(long)]
-    read_only: bool,
-    /// Seconds the microVM has to come up [default: the config's `boot_timeout_secs`, 60].
-    #[arg(long, value_name = "SECS")]
-    boot_timeout: Option<u64>,
-    /// IMAGE [CMD...], or with --rootfs: CMD...
-    #[arg(allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
-    args: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct PsArgs {
-    /// All containers, not only running ones.
-    #[arg(short, long)]
-    all: bool,
-    /// Only ids.
-    #[arg(short, long)]
-    quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct LogsArgs {
-    /// Keep printing new output until the container exits.
-    #[arg(short, long)]
-    follow: bool,
-    /// The container's name or id.
-    container: String,
-}
-
-#[derive(Debug, clap::Args)]
-struct StopArgs {
-    /// Seconds to wait after the stop signal before SIGKILL.
-    #[arg(short, long = "time", default_value_t = 10)]
-    time: u64,
-    /// Names or ids.
-    #[arg(required = true)]
-    containers: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct KillArgs {
-    /// The signal (name or number).
-    #[arg(short, long, default_value = "KILL")]
-    signal: String,
-    /// Names or ids.
-    #[arg(required = true)]
-    containers: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct RmArgs {
-    /// Kill and remove running containers too.
-    #[arg(short, long)]
-    force: bool,
-    /// Names or ids.
-    #[arg(required = true)]
-    containers: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct NamesArgs {
-    /// Names or ids.
-    #[arg(required = true)]
-    containers: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct PullArgs {
-    /// Allow plain HTTP to this registry (host[:port]; localhost always may).
-    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-    insecure_registry: Vec<String>,
-    /// The image, e.g. busybox, busybox:1.36, ghcr.io/org/app@sha256:...
-    reference: String,
-}
-
-#[derive(Debug, clap::Args)]
-struct LoadArgs {
-    /// The archive: an OCI layout (directory or tar) or a `docker save` tarball.
-    #[arg(short, long, value_name = "FILE")]
-    input: PathBuf,
-    /// The name to give an image the archive does not name.
-    #[arg(long, value_name = "NAME[:TAG]")]
-    tag: Option<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct ImagesArgs {
-    /// Only ids.
-    #[arg(short, long)]
-    quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct RmiArgs {
-    /// Remove even if containers use it.
-    #[arg(short, long)]
-    force: bool,
-    /// Names or ids.
-    #[arg(required = true)]
-    images: Vec<String>,
-}
+use clap::Parser;
 
 /// Like docker run: 125 when bulkhead itself failed.
 const EXIT_BULKHEAD_FAILED: u8 = 125;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap's own message names the bad flag or value and hints at the
+            // fix. Misuse exits 125, as docker's does; --help and --version
+            // are not errors.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                EXIT_BULKHEAD_FAILED
+            } else {
+                0
+            });
+        }
+    };
+    if let Command::Completion(args) = &cli.command {
+        clap_complete::generate(
+            args.shell,
+            &mut bulkhead::cli::args::command(),
+            "bulkhead",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let loaded = load_config(cli.config);
     if let Command::Doctor(args) = cli.command {
         // A broken config is one of the things doctor reports, not a reason to stop.
         init_logging(loaded.as_ref().map_or(DEFAULT_LOG_LEVEL, |c| &c.log_level));
         let report = diagnose(loaded, args.containerd_config.as_deref());
-        print!("{}", report.render(use_colour()));
+        print!("{}", report.render(colour::enabled(&std::io::stdout())));
         return ExitCode::from(if report.passed() { 0 } else { 1 });
     }
     let config = match loaded {
@@ -267,6 +59,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log_level);
+    // The first line of every debug log: which build was asked to do what.
+    tracing::debug!(
+        version = env!("CARGO_PKG_VERSION"),
+        args = ?std::env::args().skip(1).collect::<Vec<_>>(),
+        "bulkhead started"
+    );
     match real_main(cli.command, config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
@@ -297,6 +95,7 @@ fn init_logging(level: &str) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour::enabled(&std::io::stderr()))
         .init();
 }
 
@@ -353,7 +152,9 @@ async fn dispatch(command: Command, config: Config) -> Result<i32> {
             let containers = manage::containers(&config)?;
             supervise(&config, &containers, &id, Attach::Detached).await
         }
-        Command::Doctor(_) => unreachable!("doctor runs before the runtime is built"),
+        Command::Doctor(_) | Command::Completion(_) => {
+            unreachable!("doctor and completion run before the runtime is built")
+        }
     }
 }
 

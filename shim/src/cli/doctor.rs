@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod docker;
+
 use super::artifacts::{on_path, Artifact, Located};
 use crate::config::{Config, ConfigError};
 
@@ -168,13 +170,6 @@ fn indented(text: &str, indent: &str) -> String {
     out
 }
 
-/// Whether the report on stdout should be coloured: only on a terminal, and
-/// not when `NO_COLOR` is set.
-pub fn use_colour() -> bool {
-    use std::io::IsTerminal;
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-}
-
 /// Checks this host: the user, the config (`loaded`: what [`Config::load`]
 /// returned; on an error the other checks use the defaults), KVM, each file a
 /// sandbox needs, the run directory, cgroups, and containerd with `containerd_config`
@@ -218,6 +213,7 @@ pub fn diagnose(loaded: Result<Config, ConfigError>, containerd_config: Option<&
     checks.push(check_run_root(&config.run_root));
     checks.push(check_cgroups());
     checks.extend(check_containerd(containerd_config));
+    checks.extend(docker::check_docker());
     Report { checks }
 }
 

@@ -321,6 +321,19 @@ pub async fn rm(config: &Config, names: &[String], force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Unix milliseconds as RFC 3339 in UTC, as `docker inspect` prints times
+/// (`2026-12-07T02:03:19.123Z`); a time that has not happened is Docker's zero
+/// time, `0001-01-01T00:00:00Z`, so tools that parse Docker's output parse ours.
+fn rfc3339(unix_millis: Option<u64>) -> String {
+    match unix_millis {
+        Some(ms) => humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        None => "0001-01-01T00:00:00Z".to_owned(),
+    }
+}
+
 /// `bulkhead inspect NAME...`: a JSON array, one object per container, with
 /// Docker's field names where they mean the same.
 pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
@@ -333,7 +346,7 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
         out.push(serde_json::json!({
             "Id": record.id,
             "Name": record.name,
-            "Created": record.created,
+            "Created": rfc3339(Some(record.created * 1000)),
             "Image": record.image_id.clone().unwrap_or_default(),
             "Config": {
                 "Image": record.image,
@@ -352,8 +365,8 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
                 "ExitCode": state.exit_code,
                 "OOMKilled": state.oom_killed,
                 "Error": state.error.clone().unwrap_or_default(),
-                "StartedAt": state.started_at,
-                "FinishedAt": state.finished_at,
+                "StartedAt": rfc3339(state.started_at),
+                "FinishedAt": rfc3339(state.finished_at),
             },
             "HostConfig": {
                 "Memory": record.memory_limit.unwrap_or(0),
@@ -371,4 +384,16 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn times_are_rfc3339_in_utc_and_unset_ones_docker_zero_time() {
+        assert_eq!(rfc3339(Some(1_796_608_999_123)), "2026-12-07T02:03:19.123Z");
+        assert_eq!(rfc3339(Some(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(None), "0001-01-01T00:00:00Z");
+    }
 }

@@ -1,6 +1,8 @@
 //! The pieces of the `bulkhead` command line that are worth testing alone.
 
+pub mod args;
 pub mod artifacts;
+pub mod colour;
 pub mod container_log;
 pub mod containers;
 pub mod doctor;
