@@ -63,8 +63,9 @@ pub struct Config {
     /// binary, then on `PATH`. `$BULKHEAD_VMM` overrides it.
     pub vmm: Option<PathBuf>,
     /// The virtiofsd binary that shares each container's root file system with
-    /// its microVM. Absolute path. Default: on `PATH`, then `~/.cargo/bin`, then
-    /// `/usr/libexec/virtiofsd`. `$BULKHEAD_VIRTIOFSD` overrides it.
+    /// its microVM. Absolute path. Default: the Debian package's
+    /// `/usr/libexec/bulkhead/virtiofsd`, then on `PATH`, then `~/.cargo/bin`,
+    /// then `/usr/libexec/virtiofsd`. `$BULKHEAD_VIRTIOFSD` overrides it.
     pub virtiofsd: Option<PathBuf>,
     /// virtiofsd's caching policy (its `--cache`): `auto` (default), `always`,
     /// `never` or `metadata`.

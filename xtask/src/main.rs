@@ -9,6 +9,7 @@ mod demo;
 mod guest;
 mod images;
 mod kernel;
+mod package;
 mod place;
 mod rootfs;
 mod setup;
@@ -50,6 +51,10 @@ enum Task {
     /// release binaries `bulkhead`, `containerd-shim-bulkhead-v2` and
     /// `bulkhead-vmm` (target/static/x86_64-unknown-linux-gnu/release/).
     Build,
+    /// Build the Debian package (target/package/bulkhead_<version>_amd64.deb):
+    /// the binaries, the guest, virtiofsd, a busybox image, the default
+    /// config, completions and man pages.
+    Package,
     /// Run a command in a container in a microVM, printing its output.
     Demo,
     /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
@@ -121,6 +126,7 @@ fn run(task: Task) -> Result<()> {
             );
             Ok(())
         }
+        Task::Package => package::build().map(|_| ()),
         Task::Demo => demo::run(),
         Task::Test => workspace::test(),
         Task::Bench { which, runs } => bench::run(which, runs),

@@ -45,6 +45,9 @@ pub const PACKAGES: &[&str] = &[
     "skopeo",
     // CNI plugins (/usr/lib/cni) for pods under the tests' private containerd.
     "containernetworking-plugins",
+    // `cargo xtask package` (dpkg-deb is in every Debian) and its end-to-end
+    // test, which installs the package into a fresh Debian 12 root.
+    "debootstrap",
 ];
 
 /// Options of `cargo xtask setup`.
@@ -213,7 +216,8 @@ fn install_packages(missing: &[String], dry_run: bool) -> Result<()> {
 }
 
 /// Where an existing `virtiofsd` is: on PATH, else in cargo's bin folder.
-fn find_virtiofsd() -> Option<PathBuf> {
+/// The installed virtiofsd: on `PATH`, else in cargo's bin folder.
+pub fn find_virtiofsd() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();

@@ -137,6 +137,8 @@ pub fn test() -> Result<()> {
     let vmm = build_debug_vmm()?;
     cargo(&["build", "--quiet", "--package", "bulkhead"])?;
     let cli = root().join("target").join("debug").join("bulkhead");
+    // The package e2e test installs exactly what a user would.
+    let deb = crate::package::build()?;
     // The end-to-end tests boot exactly these.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = ["test", "--workspace", "--no-fail-fast"];
@@ -151,6 +153,7 @@ pub fn test() -> Result<()> {
         .env("BULKHEAD_INITRD", &guest.initrd)
         .env("BULKHEAD_VMM", &vmm)
         .env("BULKHEAD_CLI", &cli)
+        .env("BULKHEAD_DEB", &deb)
         .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

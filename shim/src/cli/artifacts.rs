@@ -140,6 +140,9 @@ fn checkout_guest_dir(exe_dir: &Path) -> Option<PathBuf> {
     Some(target.join("guest"))
 }
 
+/// Where bulkhead's Debian package installs its own virtiofsd.
+pub const PACKAGED_VIRTIOFSD: &str = "/usr/libexec/bulkhead/virtiofsd";
+
 /// A default place to look.
 enum Place {
     /// This file.
@@ -237,6 +240,8 @@ impl Artifact {
             .flatten()
             .collect(),
             Artifact::Virtiofsd => [
+                // The one the Debian package ships (Debian 12 has none that fits).
+                at(Some(PathBuf::from(PACKAGED_VIRTIOFSD))),
                 Some(Place::OnPath("virtiofsd")),
                 at(cargo_bin("virtiofsd")),
                 at(Some(PathBuf::from("/usr/libexec/virtiofsd"))),

@@ -17,6 +17,11 @@ use libtest_mimic::{Arguments, Trial};
 /// longest quiet stretch of any test (a VMM boot timeout of 60 s).
 const STALL_TIMEOUT: Duration = Duration::from_secs(150);
 
+/// Environment variables with this prefix are passed into the emulated host:
+/// how a test binary hands what it prepared on this machine (where the
+/// network is) to its run inside.
+pub const E2E_VAR_PREFIX: &str = "BULKHEAD_E2E_";
+
 /// Environment variables that carry artifact paths into the emulated host.
 const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
 
@@ -127,6 +132,8 @@ fn relaunch_in_emulated_host() -> ExitCode {
                 env.push((var.to_owned(), v));
             }
         }
+        // What a test binary prepared out here for its inside run.
+        env.extend(std::env::vars().filter(|(k, _)| k.starts_with(E2E_VAR_PREFIX)));
         let host = TestHost::builder().stall_timeout(STALL_TIMEOUT).build()?;
         let outcome = host.run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
         Ok(outcome.exit_code)
