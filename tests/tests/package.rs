@@ -118,7 +118,14 @@ fn busybox_runs() -> Result<(), Failed> {
     let _mounts = run_mounts(&root)?;
     let out = chroot(
         &root,
-        &["bulkhead", "run", "--rm", "busybox", "echo", "hi from the package"],
+        &[
+            "bulkhead",
+            "run",
+            "--rm",
+            "busybox",
+            "echo",
+            "hi from the package",
+        ],
         RUN_TIMEOUT,
     )?;
     if out.code != Some(0) || out.stdout != "hi from the package\n" {
@@ -131,10 +138,7 @@ fn busybox_runs() -> Result<(), Failed> {
     let run_root: Vec<_> = std::fs::read_dir(root.join("run/bulkhead"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    let run_root: Vec<_> = run_root
-        .into_iter()
-        .filter(|n| n != ".templates")
-        .collect();
+    let run_root: Vec<_> = run_root.into_iter().filter(|n| n != ".templates").collect();
     if !left.is_empty() || !run_root.is_empty() {
         return Err(format!("left behind: processes {left:?}, /run/bulkhead {run_root:?}").into());
     }
@@ -262,10 +266,14 @@ impl Drop for PreparedRoot {
 }
 
 fn prepare_root() -> Result<PreparedRoot> {
-    let deb = std::env::var_os(DEB_VAR)
-        .map(PathBuf::from)
-        .context("BULKHEAD_DEB is not set: run the tests with `cargo xtask test`, which builds the package")?;
-    ensure!(deb.is_file(), "BULKHEAD_DEB={} is not a file", deb.display());
+    let deb = std::env::var_os(DEB_VAR).map(PathBuf::from).context(
+        "BULKHEAD_DEB is not set: run the tests with `cargo xtask test`, which builds the package",
+    )?;
+    ensure!(
+        deb.is_file(),
+        "BULKHEAD_DEB={} is not a file",
+        deb.display()
+    );
     let base = base_root_tarball()?;
     let dir = tempfile::Builder::new()
         .prefix("bulkhead-e2e-package-")
@@ -283,7 +291,10 @@ fn prepare_root() -> Result<PreparedRoot> {
     for file in ["etc/resolv.conf", "etc/ssl/certs/ca-certificates.crt"] {
         let _ = std::fs::copy(Path::new("/").join(file), root.path().join(file));
     }
-    let deb_in_root = root.path().join("tmp").join(deb.file_name().context("deb name")?);
+    let deb_in_root = root
+        .path()
+        .join("tmp")
+        .join(deb.file_name().context("deb name")?);
     let started = std::time::Instant::now();
     {
         let _mounts = system_mounts(root.path()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -314,9 +325,7 @@ fn prepare_root() -> Result<PreparedRoot> {
 fn base_root_tarball() -> Result<PathBuf> {
     let mirror = debian_mirror()?;
     let key = cache::hash_key(["bookworm", "minbase", mirror.as_str()]);
-    let dir = cache::cache_root()
-        .join("debian-root")
-        .join(&key[..16]);
+    let dir = cache::cache_root().join("debian-root").join(&key[..16]);
     let dir = cache::get_or_build(&dir, |tmp| -> Result<()> {
         let root = tmp.join("root");
         println!("e2e package: debootstrap bookworm (minbase) from {mirror}, once per machine");
@@ -329,7 +338,10 @@ fn base_root_tarball() -> Result<PathBuf> {
         )?;
         // Debian's own sources, as an installed system has them.
         let _ = std::fs::remove_file(root.join("etc/apt/sources.list"));
-        for file in ["etc/apt/sources.list.d/debian.sources", "etc/apt/sources.list"] {
+        for file in [
+            "etc/apt/sources.list.d/debian.sources",
+            "etc/apt/sources.list",
+        ] {
             if Path::new("/").join(file).is_file() {
                 std::fs::copy(Path::new("/").join(file), root.join(file))?;
             }
@@ -357,9 +369,10 @@ fn debian_mirror() -> Result<String> {
     sources
         .lines()
         .find_map(|l| {
-            l.strip_prefix("URIs:")
-                .map(str::trim)
-                .or_else(|| l.strip_prefix("deb ").and_then(|r| r.split_whitespace().next()))
+            l.strip_prefix("URIs:").map(str::trim).or_else(|| {
+                l.strip_prefix("deb ")
+                    .and_then(|r| r.split_whitespace().next())
+            })
         })
         .filter(|uri| !uri.contains("security"))
         .map(|uri| uri.split_whitespace().next().unwrap_or(uri).to_owned())

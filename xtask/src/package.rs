@@ -95,7 +95,11 @@ pub fn build() -> Result<PathBuf> {
         .arg(&deb)
         .status()
         .context("cannot run dpkg-deb")?;
-    ensure!(status.success(), "dpkg-deb --build {} failed", stage.display());
+    ensure!(
+        status.success(),
+        "dpkg-deb --build {} failed",
+        stage.display()
+    );
     let size = fs::metadata(&deb)?.len();
     println!(
         "package: {} ({:.1} MiB; Depends: {})",
