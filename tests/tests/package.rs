@@ -203,9 +203,13 @@ impl Drop for Mounts {
     }
 }
 
-/// /proc, /sys, /dev and a /tmp for one chrooted command.
+/// The root as a mount point of its own (as `/` is on a machine: virtiofsd's
+/// sandbox pivot_roots, which a plain chroot directory refuses with EINVAL),
+/// with /proc, /sys, /dev and a /tmp, for one chrooted command.
 fn system_mounts(root: &Path) -> Result<Mounts, Failed> {
     let mut m = Mounts(Vec::new());
+    let root_str = root.to_str().ok_or("the root's path is not UTF-8")?;
+    m.mount(&["--rbind", root_str], root.to_path_buf())?;
     m.mount(&["-t", "proc", "proc"], root.join("proc"))?;
     m.mount(&["--rbind", "/sys"], root.join("sys"))?;
     m.mount(&["--rbind", "/dev"], root.join("dev"))?;
