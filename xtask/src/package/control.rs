@@ -36,6 +36,7 @@ License: Apache-2.0 and BSD-3-Clause
 const LIBRARY_PACKAGES: &[(&str, &str)] = &[
     ("libc.so.6", "libc6"),
     ("libm.so.6", "libc6"),
+    ("ld-linux-x86-64.so.2", "libc6"),
     ("libgcc_s.so.1", "libgcc-s1"),
     ("libcap-ng.so.0", "libcap-ng0"),
     ("libseccomp.so.2", "libseccomp2"),
