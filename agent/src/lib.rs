@@ -28,6 +28,7 @@ pub mod init;
 pub mod init_mode;
 pub mod mapping;
 pub mod netns;
+pub mod network;
 pub mod oom;
 pub mod pid1;
 pub mod process;

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use bulkhead_protocol::agent::*;
 use bulkhead_protocol::agent_ttrpc::Agent;
 use bulkhead_protocol::async_trait::async_trait;
+use bulkhead_protocol::network::GuestNetwork;
 use bulkhead_protocol::ttrpc::{self, asynchronous::TtrpcContext, Code};
 use bulkhead_protocol::{Validate, ValidationError};
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
@@ -121,6 +122,8 @@ pub struct AgentService {
     containers: Table<ContainerEntry>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: AsyncMutex<mpsc::UnboundedReceiver<String>>,
+    /// Set by the first ConfigureNetwork: the NIC has moved.
+    network_set: AtomicBool,
 }
 
 impl AgentService {
@@ -132,6 +135,7 @@ impl AgentService {
             containers: Table::default(),
             oom_tx,
             oom_rx: AsyncMutex::new(oom_rx),
+            network_set: AtomicBool::new(false),
         })
     }
 
@@ -463,6 +467,34 @@ impl AgentService {
         Ok(resp)
     }
 
+    async fn do_configure_network(
+        &self,
+        req: ConfigureNetworkRequest,
+    ) -> Result<ConfigureNetworkResponse, RpcError> {
+        let precondition = |msg: &str| RpcError::new(Code::FAILED_PRECONDITION, msg.to_owned());
+        let net = GuestNetwork::from_request(&req)
+            .map_err(|e| RpcError::new(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let netns = self
+            .config
+            .spare_netns
+            .as_ref()
+            .and_then(|s| s.unclaimed_path())
+            .ok_or_else(|| {
+                precondition(
+                    "the sandbox's network namespace is gone (taken by a container, or never made)",
+                )
+            })?
+            .to_owned();
+        if self.network_set.swap(true, Ordering::AcqRel) {
+            return Err(precondition("the network is already configured"));
+        }
+        tokio::task::spawn_blocking(move || crate::network::configure(&net, &netns))
+            .await
+            .map_err(|e| RpcError::new(Code::INTERNAL, format!("network task: {e}")))?
+            .map_err(|e| RpcError::new(Code::INTERNAL, format!("configuring the network: {e}")))?;
+        Ok(ConfigureNetworkResponse::new())
+    }
+
     fn do_check(&self) -> CheckResponse {
         let mut resp = CheckResponse::new();
         resp.version = env!("CARGO_PKG_VERSION").to_string();
@@ -661,6 +693,15 @@ impl Agent for AgentService {
         req: GetOomEventRequest,
     ) -> ttrpc::Result<GetOomEventResponse> {
         self.call("GetOomEvent", req.validate(), self.do_oom())
+            .await
+    }
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<ConfigureNetworkResponse> {
+        let checked = req.validate();
+        self.call("ConfigureNetwork", checked, self.do_configure_network(req))
             .await
     }
     async fn check(&self, _: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {

@@ -65,6 +65,12 @@ impl SpareNetns {
         })
     }
 
+    /// Where the namespace is pinned, while no container has taken it: the
+    /// sandbox's network is set up there before the first container.
+    pub fn unclaimed_path(&self) -> Option<&Path> {
+        (!self.taken.load(Ordering::Acquire)).then_some(self.path.as_path())
+    }
+
     /// Points `spec`'s new network namespace at the spare, if the spec asks
     /// for one that the spare can stand in for and the spare is still there.
     ///

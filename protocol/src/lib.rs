@@ -12,6 +12,8 @@
 //!   bytes: `oci-spec`'s serde types are the source of truth on both sides.
 //! - [`agent_ttrpc`]: the async (tokio) ttrpc client, server trait and
 //!   [`agent_ttrpc::create_agent`] service registration.
+//! - [`network`]: the sandbox network's values ([`network::GuestNetwork`]),
+//!   parsed the same way on both sides.
 //! - [`stream`]: the header that opens a stdio stream. Stdio does not travel
 //!   over ttrpc: every stream of every process has its own vsock connection.
 //! - [`limits`]: the size limit of every message field, the id rules
@@ -126,6 +128,7 @@
 include!(concat!(env!("OUT_DIR"), "/generated.rs"));
 
 pub mod limits;
+pub mod network;
 pub mod stream;
 mod validate;
 

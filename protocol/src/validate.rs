@@ -40,6 +40,7 @@ always_valid!(
     UpdateContainerResponse,
     GetOomEventRequest,
     CheckRequest,
+    ConfigureNetworkResponse,
     ShutdownRequest,
     ShutdownResponse,
     StdioStreams,
@@ -48,6 +49,12 @@ always_valid!(
     PidsStats,
     IoDeviceStats,
 );
+
+impl Validate for ConfigureNetworkRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        crate::network::GuestNetwork::from_request(self).map(|_| ())
+    }
+}
 
 macro_rules! container_only {
     ($($t:ty),* $(,)?) => {$(

@@ -52,8 +52,8 @@ fn main() -> ExitCode {
             ),
             common::trial("user_is_honoured", user_is_honoured),
             common::trial(
-                "network_namespace_has_only_loopback_up",
-                network_namespace_has_only_loopback_up,
+                "network_none_has_only_loopback_up",
+                network_none_has_only_loopback_up,
             ),
             common::trial("rejects_missing_rootfs", rejects_missing_rootfs),
             common::trial("rejects_empty_command", rejects_empty_command),
@@ -487,11 +487,11 @@ fn sigterm_while_booting_cleans_up() -> Result<(), Failed> {
 
 /// Like runc's: a network namespace of its own with only `lo`, and `lo` up
 /// (the agent lends the first container a namespace it made ahead of time).
-fn network_namespace_has_only_loopback_up() -> Result<(), Failed> {
+fn network_none_has_only_loopback_up() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
     let r = bulkhead_run(
         rootfs.path(),
-        &[],
+        &["--network", "none"],
         &["sh", "-c", "ls /sys/class/net; cat /sys/class/net/lo/flags"],
         None,
     )?;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::devices::virtio::net::MacAddr;
 
 /// Default guest memory in MiB: enough for the agent and a small container.
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
@@ -112,6 +113,11 @@ pub struct VmConfig {
     /// The hybrid vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// The virtio-net device, if any. Templates and their copies must agree
+    /// on having one (the device list is part of a snapshot); only the copies
+    /// need a tap.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
     /// Make this boot a template: when the guest says it is ready to be saved
     /// (its agent, once set up and before it touches anything per-sandbox), save
     /// the whole VM into this directory and exit with status 0.
@@ -166,6 +172,21 @@ pub struct VsockConfig {
     pub listener_fd: Option<i32>,
 }
 
+/// The virtio-net device: its MAC address, and the tap it is connected to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The guest NIC's address: 6 hex octets separated by ':', unicast
+    /// (e.g. "02:xx:xx:xx:xx:xx", a locally administered one).
+    pub mac: String,
+    /// A tap the parent opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and
+    /// passed down as this descriptor number. Without it the device exists
+    /// but is not connected: the guest's frames are discarded and it
+    /// receives none (a template boot, saved before it has a network).
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
+}
+
 fn default_memory() -> u32 {
     DEFAULT_MEMORY_MIB
 }
@@ -214,6 +235,9 @@ pub enum ConfigError {
     /// A vsock CID the guest cannot have.
     #[error("The vsock CID must be at least 3 (0-2 are reserved), not {0}")]
     VsockCid(u32),
+    /// A net device that cannot be set up.
+    #[error("Invalid net device: {0}")]
+    Net(String),
     /// A zero or empty value where one is needed.
     #[error("{0}")]
     Invalid(&'static str),
@@ -235,6 +259,7 @@ impl VmConfig {
             assume_pvm_guest: false,
             fs: Vec::new(),
             vsock: None,
+            net: None,
             save_snapshot: None,
             restore_snapshot: None,
         }
@@ -298,6 +323,24 @@ impl VmConfig {
                 return Err(ConfigError::Invalid(
                     "vsock.listener_fd must be a passed descriptor (3 or more)",
                 ));
+            }
+        }
+        if let Some(net) = &self.net {
+            net.mac
+                .parse::<MacAddr>()
+                .map_err(|e| ConfigError::Net(format!("net.mac: {e}")))?;
+            if let Some(fd) = net.tap_fd {
+                if fd < 3 {
+                    return Err(ConfigError::Net(format!(
+                        "net.tap_fd {fd} is not a passed descriptor (0-2 are stdin, stdout and \
+                         stderr); pass the tap as descriptor 3 or above"
+                    )));
+                }
+                if self.vsock.as_ref().and_then(|v| v.listener_fd) == Some(fd) {
+                    return Err(ConfigError::Net(format!(
+                        "net.tap_fd {fd} is also vsock.listener_fd; each needs its own descriptor"
+                    )));
+                }
             }
         }
         Ok(())
@@ -418,6 +461,57 @@ mod tests {
         let json = r#"{"kernel": "/k", "vsock": {"cid": 3, "uds_path": "/v", "listener_fd": 3}}"#;
         let parsed: VmConfig = serde_json::from_str(json).unwrap();
         assert_eq!(parsed.vsock.unwrap().listener_fd, Some(3));
+    }
+
+    #[test]
+    fn net_is_checked_with_what_to_do() {
+        let mut c = VmConfig::new("/k");
+        let net = |mac: &str, tap_fd| {
+            Some(NetConfig {
+                mac: mac.into(),
+                tap_fd,
+            })
+        };
+        c.net = net("02:00:00:00:00:01", None);
+        assert!(c.validate().is_ok());
+        c.net = net("02:00:00:00:00:01", Some(3));
+        assert!(c.validate().is_ok());
+        for (mac, fd, wanted) in [
+            ("02:00:00:00:00", None, "6 two-digit hex octets"),
+            ("03:00:00:00:00:01", None, "multicast"),
+            ("00:00:00:00:00:00", None, "not a valid NIC address"),
+            ("02:00:00:00:00:01", Some(2), "descriptor 3 or above"),
+            ("02:00:00:00:00:01", Some(-1), "descriptor 3 or above"),
+        ] {
+            c.net = net(mac, fd);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with("Invalid net device: "), "{err}");
+            assert!(err.contains(wanted), "{mac} {fd:?}: {err}");
+        }
+        c.net = net("02:00:00:00:00:01", Some(7));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: "/run/v.sock".into(),
+            listener_fd: Some(7),
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("also vsock.listener_fd"), "{err}");
+    }
+
+    #[test]
+    fn net_parses_from_json() {
+        let json = r#"{"kernel": "/k", "net": {"mac": "02:00:00:00:00:01", "tap_fd": 5}}"#;
+        let net = parse(json).unwrap().net.unwrap();
+        assert_eq!(
+            (net.mac.as_str(), net.tap_fd),
+            ("02:00:00:00:00:01", Some(5))
+        );
+        let json = r#"{"kernel": "/k", "net": {"mac": "02:00:00:00:00:01"}}"#;
+        assert_eq!(parse(json).unwrap().net.unwrap().tap_fd, None);
+        let json = r#"{"kernel": "/k", "net": {"mac": "02:00:00:00:00:01", "tap": "tap0"}}"#;
+        let err = parse(json).unwrap_err().to_string();
+        assert!(err.contains("unknown field `tap`"), "{err}");
+        assert!(parse(r#"{"kernel": "/k", "net": {}}"#).is_err());
     }
 
     #[test]

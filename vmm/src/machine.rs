@@ -21,6 +21,7 @@ use crate::devices::legacy::{LegacyDevices, COM1_IRQ};
 use crate::devices::mmio_bus::MmioBus;
 use crate::devices::virtio::fs::{FsError, FsTag, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::{Backend, MacAddr, Net, Tap, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -64,6 +65,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// The net device's tap descriptor cannot be used.
+    #[error("Cannot use the tap for the net device")]
+    Tap(#[from] TapError),
     /// A KVM call failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -207,6 +211,11 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
+    // The tap is checked now too, so a wrong descriptor fails before the slow part.
+    let net = match &config.net {
+        Some(net) => Some(net_device(net)?),
+        None => None,
+    };
     // `snapshot` was read from `restore_snapshot`: both are set or neither.
     let images = match &config.restore_snapshot {
         Some(dir) => {
@@ -233,6 +242,9 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         virtio.push(Box::new(VhostUserFs::connect(tag, &share.socket)?));
     }
     virtio.extend(vsock);
+    // Last, and only ever appended to: the device order is part of the
+    // snapshot format.
+    virtio.extend(net);
     let (mmio, device_params) = attach_virtio_devices(&vm, &ram, virtio)?;
     let kernel_entry = match images {
         Some(images) => {
@@ -340,6 +352,24 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     result
 }
 
+/// The net device for `net`, connected to its tap if it has one.
+fn net_device(net: &crate::config::NetConfig) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    // Validated with the config, so the address parses here.
+    let mac: MacAddr = net
+        .mac
+        .parse()
+        .map_err(|e: crate::devices::virtio::net::MacError| ConfigError::Net(e.to_string()))?;
+    let backend = match net.tap_fd {
+        Some(fd) => {
+            let tap = Tap::take(fd)?;
+            tracing::debug!(interface = tap.name(), %mac, "net device connected");
+            Some(Box::new(tap) as Box<dyn Backend>)
+        }
+        None => None,
+    };
+    Ok(Box::new(Net::new(mac, backend)))
+}
+
 /// A device state in `config.restore_snapshot` that cannot be restored.
 fn restore_failed(config: &VmConfig, reason: String) -> VmmError {
     VmmError::Snapshot(SnapshotError::State {
@@ -367,6 +397,9 @@ fn save_snapshot(
     };
     let started = Instant::now();
     let vcpus = threads.pause(VCPU_STOP_PATIENCE).map_err(failed)?;
+    // Before the irqchip is saved: a device raising its interrupt after that
+    // would leave the saved irqchip and the saved transport disagreeing.
+    mmio.quiesce();
     let vm_state = vm.save_state()?;
     let transports = mmio.states().map_err(|e| failed(e.to_string()))?;
     let snapshot = VmSnapshot::new(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulkhead_vmm::config::{
-    default_cmdline, ConsoleSpec, FsConfig, VmConfig, VsockConfig, DEFAULT_MEMORY_MIB,
+    default_cmdline, ConsoleSpec, FsConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_MEMORY_MIB,
 };
 use clap::Parser;
 
@@ -22,7 +22,7 @@ struct Cli {
     /// Read the whole configuration from this JSON file (same fields as the flags:
     /// kernel, initrd, cmdline, memory, vcpus, console, boot_timeout, ready_marker,
     /// assume_pvm_guest, fs: [{tag, socket}], vsock: {cid, uds_path, listener_fd},
-    /// save_snapshot, restore_snapshot).
+    /// net: {mac, tap_fd}, save_snapshot, restore_snapshot).
     #[arg(long, exclusive = true, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -74,6 +74,16 @@ struct Cli {
     #[arg(long, value_name = "PATH", requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
 
+    /// Give the guest a virtio-net NIC with this MAC address (unicast, e.g.
+    /// 02:00:00:00:00:01); without --net-tap-fd it is not connected.
+    #[arg(long, value_name = "MAC")]
+    net_mac: Option<String>,
+
+    /// Connect the NIC to this tap descriptor, inherited from the parent and
+    /// opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; needs --net-mac.
+    #[arg(long, value_name = "FD", requires = "net_mac")]
+    net_tap_fd: Option<i32>,
+
     /// Template boot: save the VM into DIR when the guest says it is ready
     /// (the kernel gets bulkhead.template=1), then exit 0.
     #[arg(long, value_name = "DIR", conflicts_with = "restore_snapshot")]
@@ -112,6 +122,10 @@ impl Cli {
                     uds_path,
                     listener_fd: None,
                 }),
+            net: self.net_mac.map(|mac| NetConfig {
+                mac,
+                tap_fd: self.net_tap_fd,
+            }),
         };
         config.validate()?;
         Ok(config)

@@ -43,8 +43,10 @@ pub const PACKAGES: &[&str] = &[
     "umoci",
     "docker-registry",
     "skopeo",
-    // CNI plugins (/usr/lib/cni) for pods under the tests' private containerd.
+    // CNI plugins (/usr/lib/cni): `bulkhead run`'s networks and the pods of the
+    // tests' private containerd; bridge, portmap and firewall call iptables.
     "containernetworking-plugins",
+    "iptables",
     // `cargo xtask package` (dpkg-deb is in every Debian) and its end-to-end
     // test, which installs the package into a fresh Debian 12 root.
     "debootstrap",

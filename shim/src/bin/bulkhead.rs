@@ -11,6 +11,7 @@ use bulkhead::cli::doctor::diagnose;
 use bulkhead::cli::exec::{exec, ExecOptions};
 use bulkhead::cli::flags::{parse_cpus, parse_memory, parse_signal, parse_volume, read_env_file};
 use bulkhead::cli::monitor::{supervise, Attach};
+use bulkhead::cli::network::{self, NetworkOptions};
 use bulkhead::cli::run::{run, RunOptions, Source};
 use bulkhead::cli::{images, manage};
 use bulkhead::config::{Config, ConfigError, ConfigFile, NamedBy, DEFAULT_LOG_LEVEL};
@@ -201,6 +202,33 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
             .collect::<Result<_>>()?,
         boot_timeout: args.boot_timeout.map(Duration::from_secs),
         name: args.name,
+        network: NetworkOptions {
+            mode: args
+                .network
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or_default(),
+            publish: args
+                .publish
+                .iter()
+                .map(|p| network::parse_publish(p))
+                .collect::<Result<_>>()?,
+            dns: args
+                .dns
+                .iter()
+                .map(|d| {
+                    d.parse()
+                        .map_err(|_| anyhow::anyhow!("--dns {d:?}: not an IP address"))
+                })
+                .collect::<Result<_>>()?,
+            extra_hosts: args
+                .add_host
+                .iter()
+                .map(|h| network::parse_add_host(h))
+                .collect::<Result<_>>()?,
+        },
+        hostname: args.hostname,
         config,
     })
 }

@@ -22,6 +22,8 @@ pub struct Cli {
 }
 
 /// What `bulkhead` is asked to do: one variant per subcommand.
+// Made once per process: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a command in a new container, in its own microVM; exits with its
@@ -157,6 +159,21 @@ pub struct RunArgs {
     /// Mount the root file system read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] (repeatable).
+    #[arg(short, long = "publish", value_name = "[IP:]HOST:CTR[/PROTO]")]
+    pub publish: Vec<String>,
+    /// Connect to this network: `none` for only loopback [default: bulkhead].
+    #[arg(long, alias = "net", value_name = "NAME")]
+    pub network: Option<String>,
+    /// DNS server for the container (repeatable) [default: the host's, without loopback ones].
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<String>,
+    /// Add a line to the container's /etc/hosts (repeatable).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// The container's host name [default: its short id].
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
     /// Seconds the microVM has to come up [default: the config's `boot_timeout_secs`, 60].
     #[arg(long, value_name = "SECS")]
     pub boot_timeout: Option<u64>,

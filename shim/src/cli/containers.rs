@@ -103,6 +103,12 @@ pub struct ContainerRecord {
     /// `--boot-timeout`: overrides the config's.
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
+    /// `--network`, `-p`, `--dns`, `--add-host`.
+    #[serde(default)]
+    pub network: super::network::NetworkOptions,
+    /// `--hostname`; the short id otherwise.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 impl ContainerRecord {
@@ -418,6 +424,8 @@ mod tests {
             auto_remove: false,
             interactive: false,
             boot_timeout_secs: None,
+            network: Default::default(),
+            hostname: None,
         }
     }
 

@@ -240,6 +240,10 @@ async fn stop_record(
     force_remove(&config.run_root, record.short_id())
         .with_context(|| format!("removing the sandbox of container {}", record.name))?;
     unmount_leftovers(c, id);
+    // A monitor that was killed left its network up (its lease, port mappings).
+    super::network::down(&c.dir(id))
+        .await
+        .with_context(|| format!("taking down the network of container {}", record.name))?;
     Ok(())
 }
 
@@ -304,6 +308,7 @@ pub async fn rm(config: &Config, names: &[String], force: bool) -> Result<()> {
                 stop_record(config, &c, &record, Duration::ZERO).await?;
             } else {
                 force_remove(&config.run_root, record.short_id())?;
+                super::network::down(&c.dir(&id)).await?;
             }
             c.remove(&id)?;
             println!("{name}");
@@ -380,10 +385,40 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
                 "Dir": config.run_root.join(short(&record.id)),
             },
             "LogPath": c.dir(&id).join("log"),
+            "NetworkSettings": network_settings(&record, &c.dir(&id)),
         }));
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// Docker's `NetworkSettings`: the network, the addresses CNI gave (while
+/// the container has them), the published ports.
+fn network_settings(
+    record: &super::containers::ContainerRecord,
+    dir: &std::path::Path,
+) -> serde_json::Value {
+    use super::network::NetworkMode;
+    let addresses = super::network::addresses(dir);
+    let ipv4 = addresses
+        .iter()
+        .find(|a| !a.contains(':'))
+        .and_then(|a| a.split_once('/'))
+        .map(|(ip, prefix)| (ip.to_owned(), prefix.parse::<u8>().unwrap_or(0)));
+    let mut ports = serde_json::Map::new();
+    for p in &record.network.publish {
+        ports.insert(
+            format!("{}/{}", p.container_port, p.protocol),
+            serde_json::json!([{"HostIp": p.host_ip, "HostPort": p.host_port.to_string()}]),
+        );
+    }
+    serde_json::json!({
+        "NetworkMode": match &record.network.mode { NetworkMode::None => "none".to_owned(), NetworkMode::Named(n) => n.clone() },
+        "IPAddress": ipv4.as_ref().map(|(ip, _)| ip.clone()).unwrap_or_default(),
+        "IPPrefixLen": ipv4.as_ref().map_or(0, |(_, p)| *p),
+        "Addresses": addresses,
+        "Ports": ports,
+    })
 }
 
 #[cfg(test)]

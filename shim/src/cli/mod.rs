@@ -11,6 +11,7 @@ pub mod flags;
 pub mod images;
 pub mod manage;
 pub mod monitor;
+pub mod network;
 pub mod process_io;
 pub mod run;
 pub mod spec;

@@ -23,6 +23,7 @@ use super::container_log::LogWriter;
 use super::containers::{
     now_millis, this_monitor, ContainerRecord, ContainerState, Containers, Status,
 };
+use super::network;
 use super::process_io::{self, OutputSinks, ProcessRef};
 use super::spec;
 use crate::config::{Config, GUEST_OVERHEAD_MIB};
@@ -92,23 +93,64 @@ async fn start_and_wait(
         .map_or(config.boot_timeout(), std::time::Duration::from_secs);
     let sandbox_config =
         artifacts.sandbox_config(config, sid.clone(), vcpus, memory_mib, boot_timeout);
-    let mut spec = spec::build(&record.process, &sid, &sid)?;
+    let hostname = record.hostname.clone().unwrap_or_else(|| sid.clone());
+    let mut spec = spec::build(&record.process, &sid, &hostname)?;
     // Until the container runs, a signal cancels the start: dropping the start
-    // future kills what it spawned and removes the sandbox directory.
+    // future kills what it spawned and removes the sandbox directory (and the
+    // network is taken down below).
     let interrupted = super::run::first_signal();
-    let mut sandbox = tokio::select! {
-        sandbox = Sandbox::start(&sandbox_config, &[]) => sandbox
-            .with_context(|| format!("starting the microVM of container {}", record.name))?,
+    let started = tokio::select! {
+        started = async {
+            let up = network::up(config, &dir, &sid, &record.network).await?;
+            let sandbox = Sandbox::start_on_network(&sandbox_config, &[], up.as_ref().map(|u| &u.attachment))
+                .await
+                .with_context(|| format!("starting the microVM of container {}", record.name))?;
+            Ok::<_, anyhow::Error>((sandbox, up))
+        } => Ok(started),
         number = interrupted => {
             let why = format!("interrupted by signal {number} while starting the microVM");
             eprintln!("bulkhead: {why}");
             state.error = Some(why);
+            Err(number)
+        }
+    };
+    let (mut sandbox, up) = match started {
+        Ok(Ok(started)) => started,
+        Ok(Err(e)) => {
+            take_network_down(&dir).await;
+            return Err(e);
+        }
+        Err(number) => {
+            take_network_down(&dir).await;
             return Ok(128 + number);
         }
     };
+    let addresses: Vec<std::net::IpAddr> = up
+        .as_ref()
+        .map(|u| {
+            u.attachment
+                .guest
+                .addresses
+                .iter()
+                .map(|c| c.addr)
+                .collect()
+        })
+        .unwrap_or_default();
+    // The VM has its copy of the tap; ours would keep it alive past the VMM.
+    // The published ports stay held until the end.
+    let _reserved = up.map(|u| u.reserved);
     let result = async {
         share_rootfs(&mut sandbox, record, &dir, &sid)?;
         add_volumes(&mut sandbox, &mut spec, record, &sid)?;
+        add_name_files(
+            &mut sandbox,
+            &mut spec,
+            record,
+            &dir,
+            &sid,
+            &hostname,
+            &addresses,
+        )?;
         // A foreground `--rm` container's log could only be read while it
         // runs, from another shell; not writing it keeps its output as fast
         // as the terminal takes it.
@@ -140,6 +182,7 @@ async fn start_and_wait(
         None
     };
     let stopped = sandbox.stop().await;
+    take_network_down(&dir).await;
     let code = result.with_context(|| {
         let cause = vm_report.map(|r| format!("{r}\n")).unwrap_or_default();
         format!(
@@ -149,6 +192,67 @@ async fn start_and_wait(
     })?;
     stopped.context("cleaning up the sandbox")?;
     Ok(code)
+}
+
+/// Takes the container's network down, saying so if that fails (the
+/// leftovers are named; `bulkhead rm` tries again).
+async fn take_network_down(dir: &Path) {
+    if let Err(e) = network::down(dir).await {
+        eprintln!("bulkhead: warning: taking the container's network down: {e:#}");
+    }
+}
+
+/// `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname`, written in the
+/// container's directory, shared with the guest and bind-mounted over the
+/// image's, as docker does (so the image's own files stay untouched). A
+/// container without a network still gets its name and localhost.
+#[allow(clippy::too_many_arguments)]
+fn add_name_files(
+    sandbox: &mut Sandbox,
+    spec: &mut Spec,
+    record: &ContainerRecord,
+    dir: &Path,
+    sid: &str,
+    hostname: &str,
+    addresses: &[std::net::IpAddr],
+) -> Result<()> {
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let files = [
+        (
+            "hosts",
+            network::hosts_file(hostname, addresses, &record.network.extra_hosts),
+        ),
+        (
+            "resolv.conf",
+            network::resolv_conf(&host_resolv, &record.network.dns),
+        ),
+        ("hostname", format!("{hostname}\n")),
+    ];
+    for (name, text) in &files {
+        let path = etc.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let share_name = format!("{sid}-etc");
+    sandbox.bind_into_share(&etc, &share_name)?;
+    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    for (name, _) in &files {
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from("/etc").join(name))
+                .typ("bind")
+                .source(guest_share_path(&share_name).join(name))
+                .options(vec![
+                    "rbind".to_owned(),
+                    "rprivate".to_owned(),
+                    "rw".to_owned(),
+                ])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
 }
 
 /// The rootfs into the share under the sandbox id: an image's as an overlay

@@ -63,6 +63,10 @@ pub struct RunOptions {
     pub boot_timeout: Option<Duration>,
     /// `--name`.
     pub name: Option<String>,
+    /// `--network`, `-p`, `--dns`, `--add-host`.
+    pub network: super::network::NetworkOptions,
+    /// `--hostname`.
+    pub hostname: Option<String>,
     /// This host's settings.
     pub config: Config,
 }
@@ -121,6 +125,8 @@ pub async fn run(opts: RunOptions) -> Result<i32> {
         auto_remove: opts.auto_remove,
         interactive: opts.interactive,
         boot_timeout_secs: opts.boot_timeout.map(|d| d.as_secs()),
+        network: opts.network.clone(),
+        hostname: opts.hostname.clone(),
     };
     // Checked before the name is claimed, so a bad spec leaves nothing.
     super::spec::build(&record.process, record.short_id(), record.short_id())?;
@@ -148,6 +154,20 @@ fn validate(opts: &RunOptions) -> Result<()> {
     }
     if opts.detach && opts.interactive {
         bail!("-d with -i: a detached container has no terminal to read from (bulkhead has no attach); drop -i, or -d");
+    }
+    opts.network.validate()?;
+    if let super::network::NetworkMode::Named(name) = &opts.network.mode {
+        super::network::conflist(&opts.config, name)?;
+    }
+    if let Some(h) = &opts.hostname {
+        let ok = !h.is_empty()
+            && h.len() <= 63
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !h.starts_with('-');
+        if !ok {
+            bail!("--hostname {h:?}: a host name is 1 to 63 letters, digits, '-' and '.', not starting with '-'");
+        }
     }
     if matches!(opts.source, Source::Rootfs(_)) && opts.command.is_empty() {
         bail!("no command given: with --rootfs, CMD is required, e.g. `bulkhead run --rootfs DIR -- echo hello`");
@@ -231,6 +251,7 @@ async fn detach(config: &Config, containers: &Containers, record: &ContainerReco
     // Whatever the monitor started goes with the record: the sandbox too.
     let abandon = |containers: &Containers| {
         let _ = crate::sandbox::force_remove(&config.run_root, record.short_id());
+        super::network::down_blocking(&containers.dir(&record.id));
         let _ = containers.remove(&record.id);
     };
     loop {

@@ -9,10 +9,12 @@
 //! [`Sandbox`] does the same without the polite part.
 
 mod dir;
+pub mod network;
 mod processes;
 pub mod templates;
 mod vsock;
 
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
 pub use dir::{first_mount_under, force_remove, mounts_under, SandboxDir};
+use network::NetworkAttachment;
 use processes::{start_virtiofsd, tail, HostProcess};
 
 /// The virtio-fs tag of the sandbox share; the agent mounts it.
@@ -46,6 +49,11 @@ const GUEST_CID: u32 = 3;
 
 /// The descriptor number bulkhead-vmm finds its vsock socket at.
 const VMM_VSOCK_LISTENER_FD: i32 = 3;
+/// The descriptor number bulkhead-vmm finds the sandbox's tap at.
+const VMM_TAP_FD: i32 = 4;
+/// The MAC of a VM with no network (and of templates): locally
+/// administered; a networked VM's agent sets the real one.
+const UNPLUGGED_MAC: &str = "02:00:00:00:00:01";
 /// Deadline for one RPC that should answer at once.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of console and logs quoted in errors.
@@ -292,34 +300,47 @@ impl Sandbox {
         config: &SandboxConfig,
         shares: &[(&str, &Path)],
     ) -> Result<Sandbox, SandboxError> {
+        Self::start_on_network(config, shares, None).await
+    }
+
+    /// [`Sandbox::start`], with the VM on `network`: bulkhead-vmm gets its
+    /// tap, and the agent configures the guest's interface before this
+    /// returns, so the first container finds it in its network namespace.
+    pub async fn start_on_network(
+        config: &SandboxConfig,
+        shares: &[(&str, &Path)],
+        network: Option<&NetworkAttachment>,
+    ) -> Result<Sandbox, SandboxError> {
         bulkhead_protocol::validate_id(&config.id)
             .map_err(|e| SandboxError::Agent(format!("invalid sandbox id: {e}")))?;
         if config.vm_templates {
             match templates::ensure(config).await {
-                Ok(template) => match Self::launch(config, shares, Some(&template)).await {
-                    Ok(sandbox) => return Ok(sandbox),
-                    Err(
-                        e @ (SandboxError::VmGone { .. }
-                        | SandboxError::Vsock { .. }
-                        | SandboxError::BootTimeout { .. }
-                        | SandboxError::Agent(_)),
-                    ) => {
-                        tracing::warn!(
-                            sandbox = %config.id,
-                            template = %template.display(),
-                            "the VM template did not resume, so it is discarded and the kernel booted: {e}"
-                        );
-                        templates::discard(&template);
+                Ok(template) => {
+                    match Self::launch(config, shares, Some(&template), network).await {
+                        Ok(sandbox) => return Ok(sandbox),
+                        Err(
+                            e @ (SandboxError::VmGone { .. }
+                            | SandboxError::Vsock { .. }
+                            | SandboxError::BootTimeout { .. }
+                            | SandboxError::Agent(_)),
+                        ) => {
+                            tracing::warn!(
+                                sandbox = %config.id,
+                                template = %template.display(),
+                                "the VM template did not resume, so it is discarded and the kernel booted: {e}"
+                            );
+                            templates::discard(&template);
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                },
+                }
                 Err(e) => tracing::warn!(
                     sandbox = %config.id,
                     "no VM template, booting the kernel: {e}"
                 ),
             }
         }
-        Self::launch(config, shares, None).await
+        Self::launch(config, shares, None, network).await
     }
 
     /// Makes the sandbox directory, starts virtiofsd and the VMM (resuming
@@ -328,6 +349,7 @@ impl Sandbox {
         config: &SandboxConfig,
         shares: &[(&str, &Path)],
         template: Option<&Path>,
+        network: Option<&NetworkAttachment>,
     ) -> Result<Sandbox, SandboxError> {
         let started = std::time::Instant::now();
         let step = |what: &str| tracing::info!(sandbox = %config.id, ms = started.elapsed().as_millis() as u64, "{what}");
@@ -335,7 +357,7 @@ impl Sandbox {
         for (name, source) in shares {
             dir.bind_into_share(source, name)?;
         }
-        let mut vm = VmProcesses::start(config, &dir, |vm_config| {
+        let mut vm = VmProcesses::start(config, &dir, network, |vm_config| {
             if let Some(template) = template {
                 vm_config["restore_snapshot"] = template.to_string_lossy().into_owned().into();
             }
@@ -379,6 +401,13 @@ impl Sandbox {
             }
         };
         step("agent ready and connected");
+        if let Some(network) = network {
+            if let Err(e) = configure_network(&connection, network).await {
+                vm.stop().await;
+                return Err(e);
+            }
+            step("guest network configured");
+        }
         Ok(Sandbox {
             id: config.id.clone(),
             dir,
@@ -502,6 +531,7 @@ impl VmProcesses {
     fn start(
         config: &SandboxConfig,
         dir: &SandboxDir,
+        network: Option<&NetworkAttachment>,
         adjust: impl FnOnce(&mut serde_json::Value),
     ) -> Result<VmProcesses, SandboxError> {
         let virtiofsd_socket = dir.file("virtiofsd.sock");
@@ -543,6 +573,23 @@ impl VmProcesses {
             "fs": [{"tag": SHARE_TAG, "socket": virtiofsd_socket}],
             "vsock": {"cid": GUEST_CID, "uds_path": vsock_uds, "listener_fd": VMM_VSOCK_LISTENER_FD},
         });
+        // Every VM has the NIC, networked or not, so that every VM of a shape
+        // has the same devices and one template serves them all; without a
+        // tap it carries nothing.
+        let tap = match network {
+            Some(n) => Some(dup_above_stdio(&n.tap).map_err(|source| SandboxError::Io {
+                what: "duplicate the tap of",
+                path: dir.path().to_owned(),
+                source,
+            })?),
+            None => None,
+        };
+        vm_config["net"] = match (&tap, network) {
+            (Some(_), Some(n)) => {
+                serde_json::json!({"mac": n.guest.mac.to_string(), "tap_fd": VMM_TAP_FD})
+            }
+            _ => serde_json::json!({"mac": UNPLUGGED_MAC}),
+        };
         adjust(&mut vm_config);
         let vm_config_path = dir.file("vm.json");
         // On any error below, dropping `virtiofsd` kills it.
@@ -556,10 +603,14 @@ impl VmProcesses {
         let mut cmd = Command::new(&config.vmm);
         cmd.arg("--config").arg(&vm_config_path);
         processes::pass_descriptor(&mut cmd, vsock_listener.as_raw_fd(), VMM_VSOCK_LISTENER_FD);
+        if let Some(tap) = &tap {
+            processes::pass_descriptor(&mut cmd, tap.as_raw_fd(), VMM_TAP_FD);
+        }
         let vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
         // The VMM has its copy; a connection now waits in the backlog until
         // the VMM serves it, or fails when the VMM is gone.
         drop(vsock_listener);
+        drop(tap);
         // For `force_remove` after a crash of this process.
         vmm.write_pid_file(&dir.file("vmm.pid"));
         virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));
@@ -577,6 +628,42 @@ impl VmProcesses {
         self.vmm.kill().await;
         self.virtiofsd.stop(Duration::from_secs(2)).await;
     }
+}
+
+/// Has the agent move the guest NIC into the sandbox's network namespace and
+/// configure it as the host interface it stands for.
+async fn configure_network(
+    connection: &AgentConnection,
+    network: &NetworkAttachment,
+) -> Result<(), SandboxError> {
+    connection
+        .agent
+        .configure_network(
+            ttrpc::context::with_duration(RPC_TIMEOUT),
+            &network.guest.to_request(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| SandboxError::Rpc {
+            call: "ConfigureNetwork",
+            source,
+        })
+}
+
+/// A copy of `fd` numbered 10 or more, so passing it to the VMM as
+/// [`VMM_TAP_FD`] cannot be clobbered by (or clobber) the other passed
+/// descriptor.
+fn dup_above_stdio(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned().and_then(|copy| {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into the
+        // lowest free number >= 10; the result is owned below.
+        let raw = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    })
 }
 
 /// Sends the agent the host's clock and a fresh seed, and waits for it to

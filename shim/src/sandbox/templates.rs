@@ -237,7 +237,7 @@ async fn make(config: &SandboxConfig, key: &str, staging: &Path) -> Result<(), S
     let _ = super::force_remove(&config.run_root, &id);
     let dir = SandboxDir::create(&config.run_root, &id)?;
     let staging_text = staging.to_string_lossy().into_owned();
-    let mut vm = VmProcesses::start(config, &dir, |vm_config| {
+    let mut vm = VmProcesses::start(config, &dir, None, |vm_config| {
         vm_config["save_snapshot"] = staging_text.into();
     })?;
     let deadline = Instant::now() + config.boot_timeout;

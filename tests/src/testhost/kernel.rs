@@ -19,7 +19,11 @@ const META_PACKAGE: &str = "linux-image-amd64";
 /// Modules the emulated host loads, by modprobe name; their dependencies are added.
 ///
 /// virtio-mmio + 9p carry the root file system, overlay makes it writable, kvm-amd
-/// gives the nested `/dev/kvm`, tun and fuse are for the tests' own use.
+/// gives the nested `/dev/kvm`, tun and fuse are for the tests' own use. The rest
+/// is what sandbox networking uses on a host: CNI's bridge and veth, tc's ingress
+/// qdisc, u32 filter and mirred redirect (the tap joined to the interface), and
+/// the netfilter pieces that iptables-nft needs for CNI's masquerade, portmap and
+/// firewall plugins.
 pub const MODULES: &[&str] = &[
     "virtio_mmio",
     "9pnet_virtio",
@@ -28,6 +32,28 @@ pub const MODULES: &[&str] = &[
     "kvm_amd",
     "tun",
     "fuse",
+    "bridge",
+    "veth",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_fib_inet",
+    "nft_reject_inet",
+    "xt_MASQUERADE",
+    "xt_nat",
+    "xt_addrtype",
+    "xt_conntrack",
+    "xt_comment",
+    "xt_multiport",
+    "xt_mark",
+    "xt_tcpudp",
 ];
 
 /// Bumped whenever the layout of a cached kernel entry changes.

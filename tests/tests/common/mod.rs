@@ -306,8 +306,14 @@ pub fn run_dir_leftovers() -> Vec<String> {
     let run = Path::new("/run/bulkhead");
     let mut left: Vec<String> = listing(run)
         .into_iter()
-        .filter(|n| n != TEMPLATES_DIR)
+        .filter(|n| n != TEMPLATES_DIR && n != "netns")
         .collect();
+    // The containers' pinned network namespaces (the directory stays).
+    left.extend(
+        listing(&run.join("netns"))
+            .into_iter()
+            .map(|n| format!("netns/{n}")),
+    );
     left.extend(
         listing(&run.join(TEMPLATES_DIR))
             .into_iter()
@@ -333,6 +339,14 @@ pub fn nothing_left(processes: &[&str]) -> Result<(), libtest_mimic::Failed> {
     }
     if let Some(mount) = bulkhead::sandbox::first_mount_under(Path::new("/run/bulkhead")) {
         return Err(format!("mount left: {}", mount.display()).into());
+    }
+    // CNI's bridge plugin puts the host end of each container's veth here.
+    let veths: Vec<String> = listing(Path::new("/sys/class/net"))
+        .into_iter()
+        .filter(|n| n.starts_with("veth"))
+        .collect();
+    if !veths.is_empty() {
+        return Err(format!("veth interfaces left on the host: {veths:?}").into());
     }
     Ok(())
 }

@@ -28,7 +28,15 @@ impl MmioBus {
         (offset + len as u64 <= MMIO_DEVICE_SIZE).then_some((slot, offset))
     }
 
-    /// Handles a guest read; unclaimed addresses read as zero.
+    /// Stops every device's work on guest memory before a snapshot (the vCPUs
+    /// are paused already): after this, guest memory, the interrupt state and
+    /// the transports stay as they are. Final.
+    pub fn quiesce(&self) {
+        for (_, t) in &self.slots {
+            t.lock().unwrap_or_else(PoisonError::into_inner).quiesce();
+        }
+    }
+
     /// Every transport's state, in address order, for a snapshot.
     pub fn states(&self) -> Result<Vec<TransportState>, TransportStateError> {
         self.slots
@@ -53,6 +61,7 @@ impl MmioBus {
         Ok(())
     }
 
+    /// Handles a guest read; unclaimed addresses read as zero.
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr, data.len()) {
             Some((slot, offset)) => slot

@@ -178,10 +178,19 @@ impl MmioTransport {
         })
     }
 
+    /// Makes an active device stop touching guest memory and its queues, for
+    /// a snapshot (see [`VirtioDevice::quiesce`]). Final.
+    pub fn quiesce(&mut self) {
+        if self.activated {
+            self.device.quiesce();
+        }
+    }
+
     /// The transport's state for a snapshot. The device must be quiescent:
     /// every buffer it took from a queue already returned (true of our
-    /// devices between requests, and of the vsock device with no connection),
-    /// so that the used ring's index is where both ring positions stand.
+    /// devices between requests, of the vsock device with no connection, and
+    /// of the net device after [`MmioTransport::quiesce`]), so that the used
+    /// ring's index is where both ring positions stand.
     pub fn state(&self) -> Result<TransportState, TransportStateError> {
         let device = self.name();
         let queues = if self.activated {

@@ -12,6 +12,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -127,6 +128,14 @@ pub trait VirtioDevice: Send {
     }
     /// Starts the device with its queues. Called once, when the driver sets DRIVER_OK.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Called on an active device before a snapshot saves its transport and
+    /// guest memory: from then on the device must leave guest memory and its
+    /// queues alone, with every chain it took back in the used ring. Final:
+    /// a VMM that saved a snapshot exits. Devices that only work when the
+    /// guest asks (which it cannot while its vCPUs are paused) need nothing;
+    /// devices with a host side that can write into the guest at any time
+    /// stop their worker.
+    fn quiesce(&mut self) {}
 }
 
 /// Reads `data.len()` bytes at `offset` out of a device's config bytes, with

@@ -1,0 +1,554 @@
+//! `bulkhead run`'s networking, the way docker and nerdctl do it: each
+//! container gets a network namespace of its own on the host, the standard
+//! CNI plugins (bridge, host-local, portmap, firewall) put an interface in
+//! it, and the sandbox core joins the VM's tap to that interface.
+//!
+//! What was set up is written down (`network.json` in the container's
+//! directory) before anything is made, so that the monitor's end, `rm` and a
+//! later `bulkhead` run after a crash can all take it down again.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::sandbox::network::cni::{self, Attachment, Plugins, PortMapping};
+use crate::sandbox::network::{self as core, netns, NetworkAttachment};
+
+/// The network a container is on when `--network` is not given.
+pub const DEFAULT_NETWORK: &str = "bulkhead";
+/// The default network's bridge on the host.
+pub const DEFAULT_BRIDGE: &str = "bulkhead0";
+/// The default network's addresses: private, and clear of docker's
+/// (172.17/16), podman's (10.88/16, 10.89/16) and nerdctl's (10.4/24).
+pub const DEFAULT_SUBNET: &str = "10.77.0.0/16";
+/// The interface CNI makes in the container's namespace.
+const IFNAME: &str = "eth0";
+/// Name of the record of a container's attachment, in its directory.
+pub const ATTACHMENT_FILE: &str = "network.json";
+
+/// `--network`: none, or a network by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Only `lo` in the guest.
+    None,
+    /// A CNI network list.
+    Named(String),
+}
+
+impl Default for NetworkMode {
+    fn default() -> Self {
+        NetworkMode::Named(DEFAULT_NETWORK.to_owned())
+    }
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(NetworkMode::None),
+            "" => bail!(
+                "--network needs a value: none, or a network name (default: {DEFAULT_NETWORK})"
+            ),
+            "host" => bail!(
+                "--network host: a container in a microVM cannot share the host's network stack; \
+                 publish ports with -p instead"
+            ),
+            name if name.starts_with("container:") => {
+                bail!("--network {name}: joining another container's network is not supported yet")
+            }
+            name => {
+                bulkhead_protocol::validate_id(name).map_err(|e| {
+                    anyhow::anyhow!("--network {name:?}: invalid network name: {e}")
+                })?;
+                Ok(NetworkMode::Named(name.to_owned()))
+            }
+        }
+    }
+}
+
+/// Parses `-p [IP:]HOST:CTR[/tcp|udp]`, docker's form.
+pub fn parse_publish(spec: &str) -> Result<PortMapping> {
+    let usage = "use -p [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp], e.g. -p 8080:80";
+    let (ports, protocol) = match spec.rsplit_once('/') {
+        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+        Some((_, other)) => bail!("-p {spec}: unknown protocol {other:?} (tcp or udp); {usage}"),
+        None => (spec, "tcp"),
+    };
+    // An IPv6 host address comes in brackets: [::1]:8080:80.
+    let (host_ip, rest) = if let Some(rest) = ports.strip_prefix('[') {
+        let (ip, rest) = rest
+            .split_once("]:")
+            .with_context(|| format!("-p {spec}: unclosed '[' around the address; {usage}"))?;
+        (ip.to_owned(), rest)
+    } else {
+        match ports.matches(':').count() {
+            1 => (String::new(), ports),
+            2 => {
+                let (ip, rest) = ports.split_once(':').unwrap_or_default();
+                (ip.to_owned(), rest)
+            }
+            0 => bail!("-p {spec}: a host port is needed (bulkhead does not pick one); {usage}"),
+            _ => bail!("-p {spec}: {usage}"),
+        }
+    };
+    if !host_ip.is_empty() {
+        host_ip
+            .parse::<IpAddr>()
+            .map_err(|_| anyhow::anyhow!("-p {spec}: {host_ip:?} is not an IP address; {usage}"))?;
+    }
+    let (host, container) = rest
+        .split_once(':')
+        .with_context(|| format!("-p {spec}: a host port is needed; {usage}"))?;
+    let port = |p: &str, what: &str| -> Result<u16> {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("-p {spec}: {what} port {p:?} is not a port number (1-65535); {usage}"),
+        }
+    };
+    Ok(PortMapping {
+        host_port: port(host, "host")?,
+        container_port: port(container, "container")?,
+        protocol: protocol.to_owned(),
+        host_ip,
+    })
+}
+
+/// Parses `--add-host NAME:IP`.
+pub fn parse_add_host(spec: &str) -> Result<(String, IpAddr)> {
+    let (name, ip) = spec
+        .split_once(':')
+        .with_context(|| format!("--add-host {spec}: use NAME:IP, e.g. --add-host db:10.0.0.5"))?;
+    let ip: IpAddr = ip
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--add-host {spec}: {ip:?} is not an IP address"))?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        bail!("--add-host {spec}: {name:?} is not a host name");
+    }
+    Ok((name.to_owned(), ip))
+}
+
+/// A container's network settings, as `bulkhead run` was given them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOptions {
+    /// `--network`.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// `-p`.
+    #[serde(default)]
+    pub publish: Vec<PortMapping>,
+    /// `--dns`.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    /// `--add-host`.
+    #[serde(default)]
+    pub extra_hosts: Vec<(String, IpAddr)>,
+}
+
+impl NetworkOptions {
+    /// Refuses combinations that cannot work, before anything is made.
+    pub fn validate(&self) -> Result<()> {
+        if self.mode == NetworkMode::None && !self.publish.is_empty() {
+            bail!("-p with --network none: a container without a network has no port to publish");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.publish {
+            if !seen.insert((p.host_ip.clone(), p.host_port, p.protocol.clone())) {
+                bail!(
+                    "-p: host port {}/{} is published twice",
+                    p.host_port,
+                    p.protocol
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The network lists' directory, under the state root.
+fn networks_dir(config: &Config) -> PathBuf {
+    super::state_root(config).join("networks")
+}
+
+/// The network list of `name`; the default network's is made on first use.
+pub fn conflist(config: &Config, name: &str) -> Result<serde_json::Value> {
+    let path = networks_dir(config).join(format!("{name}.conflist"));
+    if name == DEFAULT_NETWORK && !path.exists() {
+        let list = bridge_conflist(config, name, DEFAULT_BRIDGE, DEFAULT_SUBNET);
+        std::fs::create_dir_all(networks_dir(config))
+            .with_context(|| format!("creating {}", networks_dir(config).display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&list)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let text = std::fs::read(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "no network named {name:?}: use --network {DEFAULT_NETWORK}, or --network none"
+        )
+    })?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a CNI network list", path.display()))
+}
+
+/// A bridge network list: the bridge is the gateway and masquerades, leases
+/// are kept under the state root (so `system prune` can find them), ports
+/// are published with portmap, and the firewall plugin lets the traffic
+/// through a FORWARD policy of DROP (which docker sets).
+pub fn bridge_conflist(
+    config: &Config,
+    name: &str,
+    bridge: &str,
+    subnet: &str,
+) -> serde_json::Value {
+    json!({
+        "cniVersion": cni::CNI_VERSION,
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": true,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": super::state_root(config).join("cni").join("ipam"),
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+            {"type": "firewall", "backend": "iptables"}
+        ]
+    })
+}
+
+/// Where a container's network namespace is pinned.
+fn netns_path(config: &Config, sid: &str) -> PathBuf {
+    config.run_root.join("netns").join(sid)
+}
+
+/// A container's network, up: the attachment for the sandbox and what was
+/// made, to take down.
+pub struct Up {
+    /// The tap and guest settings for the sandbox core.
+    pub attachment: NetworkAttachment,
+    /// The CNI record (its result names the container's addresses).
+    pub cni: Attachment,
+    /// The published ports, bound on the host for as long as the container
+    /// runs (portmap only rewrites packets): so a second container or a host
+    /// program cannot take them too, and a port in use is an error at once.
+    pub reserved: Vec<PortReservation>,
+}
+
+/// A host port held for a published container port.
+#[derive(Debug)]
+pub enum PortReservation {
+    /// A TCP port, bound but not listening: nothing is ever accepted.
+    Tcp(#[allow(dead_code)] std::os::fd::OwnedFd),
+    /// A UDP port.
+    Udp(#[allow(dead_code)] std::net::UdpSocket),
+}
+
+/// Binds a TCP socket at `addr` without listening (std's TcpListener
+/// always listens, and a listening socket would take connections).
+fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    Ok(fd)
+}
+
+/// Binds every published host port, failing on the first one in use.
+fn reserve_ports(publish: &[PortMapping]) -> Result<Vec<PortReservation>> {
+    publish
+        .iter()
+        .map(|p| {
+            let ip: IpAddr = if p.host_ip.is_empty() {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            } else {
+                p.host_ip.parse().context("-p: host address")?
+            };
+            let addr = std::net::SocketAddr::new(ip, p.host_port);
+            let held = if p.protocol == "udp" {
+                std::net::UdpSocket::bind(addr).map(PortReservation::Udp)
+            } else {
+                bind_tcp(addr).map(PortReservation::Tcp)
+            };
+            held.map_err(|e| {
+                anyhow::anyhow!(
+                    "-p {}: host port {}/{} on {} cannot be published: {e}; choose another host port",
+                    format_args!("{}:{}", p.host_port, p.container_port),
+                    p.host_port,
+                    p.protocol,
+                    ip
+                )
+            })
+        })
+        .collect()
+}
+
+/// Makes the namespace, runs CNI ADD and joins the tap. On failure, whatever
+/// was made is taken down again and the error says what failed.
+pub async fn up(
+    config: &Config,
+    container_dir: &Path,
+    sid: &str,
+    opts: &NetworkOptions,
+) -> Result<Option<Up>> {
+    let NetworkMode::Named(name) = &opts.mode else {
+        return Ok(None);
+    };
+    let list = conflist(config, name)?;
+    let plugins = Plugins::system();
+    plugins.check(&list).map_err(anyhow::Error::from)?;
+    let reserved = reserve_ports(&opts.publish)?;
+    let ns = netns_path(config, sid);
+    let mut record = Attachment {
+        container_id: sid.to_owned(),
+        netns: ns.clone(),
+        ifname: IFNAME.to_owned(),
+        conflist: list,
+        port_mappings: opts.publish.clone(),
+        result: None,
+    };
+    let record_path = container_dir.join(ATTACHMENT_FILE);
+    // Written first: a crash from here on leaves a record to clean up by.
+    cni::save(&record_path, &record)?;
+    let made = async {
+        netns::create(&ns)?;
+        cni::add(&plugins, &mut record)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to network {name}: {e}"))?;
+        cni::save(&record_path, &record)?;
+        let attachment = core::attach(&ns, IFNAME)?;
+        Ok::<_, anyhow::Error>(attachment)
+    }
+    .await;
+    match made {
+        Ok(attachment) => Ok(Some(Up {
+            attachment,
+            cni: record,
+            reserved,
+        })),
+        Err(e) => {
+            if let Err(undo) = down(container_dir).await {
+                tracing::warn!("taking down a half-made network: {undo:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Takes a container's network down, if it has one recorded: CNI DEL (the
+/// lease, the veth, the port mappings, the firewall rules), then the
+/// namespace (and the tap in it, if the VMM is gone), then the record.
+/// Safe to call again.
+pub async fn down(container_dir: &Path) -> Result<()> {
+    let record_path = container_dir.join(ATTACHMENT_FILE);
+    if !record_path.exists() {
+        return Ok(());
+    }
+    let record = cni::load(&record_path)?;
+    let deleted = cni::del(&Plugins::system(), &record).await;
+    netns::remove(&record.netns)
+        .with_context(|| format!("removing network namespace {}", record.netns.display()))?;
+    deleted.map_err(|e| anyhow::anyhow!("disconnecting from the network: {e}"))?;
+    std::fs::remove_file(&record_path)
+        .with_context(|| format!("removing {}", record_path.display()))?;
+    Ok(())
+}
+
+/// [`down`] from synchronous code (and from inside a runtime): on a thread
+/// with a runtime of its own. Failures are printed, not returned: callers
+/// are already cleaning up after something else.
+pub fn down_blocking(container_dir: &Path) {
+    let dir = container_dir.to_owned();
+    let done = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(down(&dir)))
+    })
+    .join();
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("bulkhead: warning: taking the container's network down: {e:#}"),
+        Err(_) => eprintln!("bulkhead: warning: the network teardown thread panicked"),
+    }
+}
+
+/// The addresses a container got, from its record.
+pub fn addresses(container_dir: &Path) -> Vec<String> {
+    cni::load(&container_dir.join(ATTACHMENT_FILE))
+        .ok()
+        .and_then(|r| r.result)
+        .map(|r| cni::result_addresses(&r))
+        .unwrap_or_default()
+}
+
+/// `/etc/hosts` for a container: loopback, its own name on its addresses,
+/// and `--add-host` entries.
+pub fn hosts_file(hostname: &str, addresses: &[IpAddr], extra: &[(String, IpAddr)]) -> String {
+    let mut text = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+    );
+    for (name, ip) in extra {
+        text.push_str(&format!("{ip}\t{name}\n"));
+    }
+    for ip in addresses {
+        text.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    text
+}
+
+/// `/etc/resolv.conf` for a container: `--dns` servers if given, else the
+/// host's, without loopback resolvers (the container cannot reach the host's
+/// 127.0.0.53); with none left, public resolvers, as docker does.
+pub fn resolv_conf(host_resolv: &str, dns: &[IpAddr]) -> String {
+    let mut servers: Vec<String> = dns.iter().map(ToString::to_string).collect();
+    let mut other = Vec::new();
+    for line in host_resolv.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") if dns.is_empty() => {
+                if let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok()) {
+                    if !ip.is_loopback() {
+                        servers.push(ip.to_string());
+                    }
+                }
+            }
+            Some("search" | "options" | "domain") => other.push(line.trim().to_owned()),
+            _ => {}
+        }
+    }
+    if servers.is_empty() {
+        servers = vec!["8.8.8.8".into(), "8.8.4.4".into()];
+    }
+    let mut text: String = other.iter().map(|l| format!("{l}\n")).collect();
+    for s in servers {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_parse_like_docker() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (
+                p.host_port,
+                p.container_port,
+                p.protocol.as_str(),
+                p.host_ip.as_str()
+            ),
+            (8080, 80, "tcp", "")
+        );
+        let p = parse_publish("127.0.0.1:5353:53/udp").unwrap();
+        assert_eq!(
+            (
+                p.host_port,
+                p.container_port,
+                p.protocol.as_str(),
+                p.host_ip.as_str()
+            ),
+            (5353, 53, "udp", "127.0.0.1")
+        );
+        let p = parse_publish("[::1]:8080:80").unwrap();
+        assert_eq!(p.host_ip, "::1");
+        for bad in [
+            "80",
+            "0:80",
+            "8080:80/sctp",
+            "a:b",
+            "1.2.3:8080:80",
+            "8080:70000",
+            "1:2:3:4",
+        ] {
+            let err = parse_publish(bad).unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("-p"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn network_modes_refuse_what_cannot_work() {
+        assert_eq!("none".parse::<NetworkMode>().unwrap(), NetworkMode::None);
+        assert_eq!(
+            "mynet".parse::<NetworkMode>().unwrap(),
+            NetworkMode::Named("mynet".into())
+        );
+        assert!("host"
+            .parse::<NetworkMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("-p"));
+        assert!("../etc".parse::<NetworkMode>().is_err());
+        let opts = NetworkOptions {
+            mode: NetworkMode::None,
+            publish: vec![parse_publish("80:80").unwrap()],
+            ..Default::default()
+        };
+        assert!(opts.validate().is_err());
+        let opts = NetworkOptions {
+            publish: vec![
+                parse_publish("80:80").unwrap(),
+                parse_publish("80:81").unwrap(),
+            ],
+            ..Default::default()
+        };
+        assert!(opts.validate().unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn resolv_conf_drops_loopback_resolvers() {
+        let host = "# generated\nnameserver 127.0.0.53\noptions edns0\nsearch example.com\n";
+        let text = resolv_conf(host, &[]);
+        assert!(
+            !text.contains("127.0.0.53") && text.contains("nameserver 8.8.8.8"),
+            "{text}"
+        );
+        assert!(text.contains("search example.com") && text.contains("options edns0"));
+        let text = resolv_conf("nameserver 10.0.0.2\n", &[]);
+        assert_eq!(text, "nameserver 10.0.0.2\n");
+        let text = resolv_conf("nameserver 10.0.0.2\n", &["1.1.1.1".parse().unwrap()]);
+        assert_eq!(text, "nameserver 1.1.1.1\n");
+    }
+
+    #[test]
+    fn hosts_name_the_container_and_extra_hosts() {
+        let text = hosts_file(
+            "web",
+            &["10.77.0.2".parse().unwrap()],
+            &[("db".into(), "10.0.0.5".parse().unwrap())],
+        );
+        assert!(text.contains("127.0.0.1\tlocalhost\n"));
+        assert!(text.contains("10.77.0.2\tweb\n") && text.contains("10.0.0.5\tdb\n"));
+    }
+
+    #[test]
+    fn add_host_is_checked() {
+        assert_eq!(parse_add_host("db:10.0.0.5").unwrap().0, "db");
+        assert!(parse_add_host("db").is_err());
+        assert!(parse_add_host("db:nope").is_err());
+    }
+}

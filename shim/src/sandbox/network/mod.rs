@@ -1,0 +1,190 @@
+//! A sandbox's network, host side. Every front end ends up with a network
+//! namespace that holds the container's interface (CNI made it for CRI and
+//! `ctr --cni`, the CLI made it with CNI itself); [`attach`] puts the VM's
+//! tap next to that interface, joins the two (see [`plumbing`]) and returns
+//! the tap for bulkhead-vmm with what the guest must configure.
+//!
+//! Everything made here lives in that namespace and the tap dies with the
+//! VMM's descriptor, so removing the namespace (or CNI's DEL) leaves nothing.
+
+pub mod cni;
+pub mod netns;
+pub mod plumbing;
+pub mod tap;
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use bulkhead_protocol::network::GuestNetwork;
+
+/// The tap's name inside the sandbox's namespace, Kata's.
+pub const TAP_NAME: &str = "tap0_bh";
+
+/// Why a sandbox's network could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The interface to join is not there or cannot be joined.
+    #[error("network interface {name}: {reason}")]
+    NoInterface {
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CNI plugin failed or is missing.
+    #[error("{0}")]
+    Cni(String),
+}
+
+/// What a VM needs to be on a network: the tap for bulkhead-vmm, and the
+/// interface settings for the agent.
+#[derive(Debug)]
+pub struct NetworkAttachment {
+    /// The tap (made with a virtio-net header), for the VMM.
+    pub tap: OwnedFd,
+    /// The guest's MAC, MTU, addresses and routes.
+    pub guest: GuestNetwork,
+}
+
+/// Makes the tap in the namespace at `netns`, joins it to interface `ifname`
+/// there and returns it with the interface's settings.
+pub fn attach(netns: &Path, ifname: &str) -> Result<NetworkAttachment, NetworkError> {
+    let ifname = ifname.to_owned();
+    let done = netns::run_in(netns, move || {
+        let tap = tap::create(TAP_NAME)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let guest = runtime
+            .block_on(async {
+                let handle = plumbing::connect()?;
+                plumbing::join(&handle, &ifname, TAP_NAME).await
+            })
+            .map_err(std::io::Error::other)?;
+        Ok(NetworkAttachment { tap, guest })
+    });
+    done.map_err(|source| NetworkError::Io {
+        what: format!("setting up the VM's network in {}", netns.display()),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+    use rtnetlink::{LinkUnspec, LinkVeth};
+
+    /// A namespace holding `eth0`, one end of a veth pair whose other end
+    /// is in a second namespace: what CNI's bridge plugin leaves, minus the
+    /// bridge. The tap is joined to it as for a real sandbox.
+    #[test]
+    fn a_tap_is_joined_to_the_interface_cni_made() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
+            eprintln!("skipped: needs root and /dev/net/tun");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (pod, peer) = (dir.path().join("pod"), dir.path().join("peer"));
+        netns::create(&pod).unwrap();
+        netns::create(&peer).unwrap();
+        let peer_fd = std::fs::File::open(&peer).unwrap();
+        netns::run_in(&pod, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let h = plumbing::connect().map_err(std::io::Error::other)?;
+                let add = |m| h.link().add(m).execute();
+                add(LinkVeth::new("eth0", "peer0").build())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let mut peer0 = h.link().get().match_name("peer0").execute();
+                let peer0 = peer0
+                    .try_next()
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .unwrap();
+                use std::os::fd::AsRawFd;
+                h.link()
+                    .set(
+                        LinkUnspec::new_with_index(peer0.header.index)
+                            .setns_by_fd(peer_fd.as_raw_fd())
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let mut eth0 = h.link().get().match_name("eth0").execute();
+                let eth0 = eth0
+                    .try_next()
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .unwrap();
+                let i = eth0.header.index;
+                h.address()
+                    .add(i, "10.250.0.2".parse().unwrap(), 24)
+                    .execute()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                h.link()
+                    .set(LinkUnspec::new_with_index(i).mtu(1400).up().build())
+                    .execute()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                h.route()
+                    .add(
+                        rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                            .gateway("10.250.0.1".parse().unwrap())
+                            .output_interface(i)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(std::io::Error::other)
+            })
+        })
+        .unwrap();
+
+        let attached = attach(&pod, "eth0").unwrap();
+        let g = &attached.guest;
+        assert_eq!(g.mtu, 1400);
+        assert_eq!(g.addresses, vec!["10.250.0.2/24".parse().unwrap()]);
+        assert_eq!(g.routes.len(), 1, "{:?}", g.routes);
+        assert_eq!(g.routes[0].destination.to_string(), "0.0.0.0/0");
+        assert_eq!(g.routes[0].gateway, Some("10.250.0.1".parse().unwrap()));
+        // What `tc` sees: a redirect to the tap on eth0's ingress.
+        let filters = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", pod.display()))
+            .args(["tc", "filter", "show", "dev", "eth0", "ingress"])
+            .output();
+        match filters {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(text.contains("mirred") && text.contains(TAP_NAME), "{text}");
+            }
+            other => eprintln!("not checked with tc (no tc here?): {other:?}"),
+        }
+        drop(attached);
+        netns::remove(&pod).unwrap();
+        netns::remove(&peer).unwrap();
+    }
+}
