@@ -478,13 +478,8 @@ impl AgentService {
             .config
             .spare_netns
             .as_ref()
-            .and_then(|s| s.unclaimed_path())
-            .ok_or_else(|| {
-                precondition(
-                    "the sandbox's network namespace is gone (taken by a container, or never made)",
-                )
-            })?
-            .to_owned();
+            .map(|s| s.path().to_owned())
+            .ok_or_else(|| precondition("the VM has no sandbox network namespace"))?;
         if self.network_set.swap(true, Ordering::AcqRel) {
             return Err(precondition("the network is already configured"));
         }

@@ -9,14 +9,15 @@
 //! already up, and the first container that asks for a new network namespace
 //! joins that one instead of making it. What the container sees is the same
 //! either way: a namespace of its own with only `lo`, up. Later containers
-//! make theirs as usual.
+//! make theirs as usual. The namespace stays pinned for the VM's life: it is
+//! the sandbox's network namespace, where the agent puts the VM's NIC.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -65,10 +66,11 @@ impl SpareNetns {
         })
     }
 
-    /// Where the namespace is pinned, while no container has taken it: the
-    /// sandbox's network is set up there before the first container.
-    pub fn unclaimed_path(&self) -> Option<&Path> {
-        (!self.taken.load(Ordering::Acquire)).then_some(self.path.as_path())
+    /// Where the namespace is pinned: the sandbox's network is set up there,
+    /// before the first container takes it or after (`ctr run --cni` adds the
+    /// interface between create and start).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Points `spec`'s new network namespace at the spare, if the spec asks
@@ -99,23 +101,13 @@ impl SpareNetns {
     }
 }
 
-/// A container's hold on the spare. Dropping it removes the agent's pin, so
-/// the namespace lives exactly as long as the processes in it.
+/// A container's hold on the spare, until its init has joined it. The pin
+/// stays after that: the namespace is the sandbox's for the VM's life, and
+/// the host may still configure its network (see [`SpareNetns::path`]).
 #[derive(Debug)]
 pub struct Claim {
+    #[allow(dead_code)]
     path: PathBuf,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if let Err(err) = umount2(&self.path, MntFlags::MNT_DETACH) {
-            tracing::warn!(
-                "unpinning the spare network namespace {}: {err}",
-                self.path.display()
-            );
-        }
-        let _ = fs::remove_file(&self.path);
-    }
 }
 
 #[cfg(test)]

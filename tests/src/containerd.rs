@@ -42,7 +42,7 @@ use crate::process;
 mod config;
 mod leftovers;
 
-pub use config::CNI_CONFLIST;
+pub use config::{CNI_CONFLIST, CNI_GATEWAY};
 pub use leftovers::mounts_under;
 
 /// The runtime type of runc's shim (`containerd-shim-runc-v2`), the reference.

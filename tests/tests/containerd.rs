@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_tests::containerd::{ContainerdOptions, PrivateContainerd, Runtime, CRI_NAMESPACE};
+use bulkhead_tests::containerd::{
+    ContainerdOptions, PrivateContainerd, Runtime, CNI_CONFLIST, CNI_GATEWAY, CRI_NAMESPACE,
+};
 use bulkhead_tests::cri::{ContainerSpec, PodSpec};
 use bulkhead_tests::oci_image::{write_image_archive, ImageConfig, LayerCompression};
 use bulkhead_tests::process;
@@ -34,6 +36,11 @@ fn main() -> ExitCode {
             common::trial("sigkill_reports_137", sigkill_reports_137),
             common::trial("tty_gives_a_terminal", tty_gives_a_terminal),
             common::trial("cri_pod_of_two_containers", cri_pod),
+            common::trial(
+                "cri_pods_get_cni_addresses_and_reach_each_other_and_the_host",
+                cri_pods_network,
+            ),
+            common::trial("ctr_run_cni_gives_the_guest_cnis_address", ctr_run_cni),
             common::trial("killed_vmm_ends_the_task_and_delete_cleans_up", killed_vmm),
             common::trial("killed_shim_is_cleaned_up_by_delete", killed_shim),
             common::trial(
@@ -400,6 +407,146 @@ fn cri_pod() -> Result<(), Failed> {
     cri.stop_pod_sandbox(&pod_id)?;
     cri.remove_pod_sandbox(&pod_id)?;
     s.finish()
+}
+
+/// Runs `cmd` in container `id` until it succeeds or a minute passes.
+fn exec_until_ok(
+    cri: &bulkhead_tests::cri::CriClient,
+    id: &str,
+    cmd: &[&str],
+) -> Result<String, Failed> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cri.exec_sync(id, cmd, Duration::from_secs(30))?;
+        if out.exit_code == 0 {
+            return Ok(out.stdout);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{cmd:?} in {id} kept failing: {out:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Two pods on the test bridge: each gets the address CNI gave its pod
+/// namespace inside its VM, the client pod reaches the server pod by that
+/// address, and both reach a server on the host through the bridge.
+fn cri_pods_network() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let cri = s.daemon().cri()?;
+    let served = tempfile::tempdir()?;
+    std::fs::write(served.path().join("host.txt"), "from-the-host\n")?;
+    let mut host_server = Command::new("/bin/busybox")
+        .args(["httpd", "-f", "-p", "0.0.0.0:18090", "-h"])
+        .arg(served.path())
+        .spawn()?;
+    let result = (|| -> Result<(), Failed> {
+        let server_pod = PodSpec::new("server", "default", "uid-server", "bulkhead");
+        let client_pod = PodSpec::new("client", "default", "uid-client", "bulkhead");
+        let mut pods = Vec::new();
+        for pod in [&server_pod, &client_pod] {
+            pods.push(
+                cri.run_pod_sandbox(pod)
+                    .map_err(|e| format!("RunPodSandbox: {e}\n{}", s.daemon().log_tail()))?,
+            );
+        }
+        let web = ContainerSpec::new(
+            "web",
+            IMAGE,
+            &["sh", "-c", "mkdir -p /www && echo pod-to-pod > /www/index.html && exec httpd -f -p 8080 -h /www"],
+        );
+        let client = ContainerSpec::new("client", IMAGE, &["sleep", "100000"]);
+        let web_id = cri.create_container(&pods[0], &server_pod, &web)?;
+        cri.start_container(&web_id)?;
+        let client_id = cri.create_container(&pods[1], &client_pod, &client)?;
+        cri.start_container(&client_id)?;
+        let ip = cri
+            .pod_sandbox_status(&pods[0])?
+            .network
+            .map(|n| n.ip)
+            .filter(|ip| ip.starts_with("10.99."))
+            .ok_or("the server pod has no address on the test bridge")?;
+        let shown = exec_until_ok(&cri, &web_id, &["ip", "-4", "addr", "show", "eth0"])?;
+        if !shown.contains(&format!("inet {ip}/")) {
+            return Err(
+                format!("the guest's eth0 does not have CNI's address {ip}:\n{shown}").into(),
+            );
+        }
+        let url = format!("http://{ip}:8080/index.html");
+        let got = exec_until_ok(&cri, &client_id, &["wget", "-qO-", &url])?;
+        if got != "pod-to-pod\n" {
+            return Err(format!("pod to pod: {got:?}").into());
+        }
+        let url = format!("http://{CNI_GATEWAY}:18090/host.txt");
+        let got = exec_until_ok(&cri, &client_id, &["wget", "-qO-", &url])?;
+        if got != "from-the-host\n" {
+            return Err(format!("pod to host: {got:?}").into());
+        }
+        for pod in &pods {
+            cri.stop_pod_sandbox(pod)?;
+            cri.remove_pod_sandbox(pod)?;
+        }
+        Ok(())
+    })();
+    let _ = host_server.kill();
+    let _ = host_server.wait();
+    result?;
+    s.finish()?;
+    no_leases()
+}
+
+/// No address of the test bridge is still leased.
+fn no_leases() -> Result<(), Failed> {
+    let dir = Path::new("/var/lib/cni/networks/bulkhead-test");
+    let held: Vec<String> = common::listing(dir)
+        .into_iter()
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    if held.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("leases left in {}: {held:?}", dir.display()).into())
+    }
+}
+
+/// `ctr run --cni` sets up CNI in /proc/PID/ns/net of the task after create
+/// (with the config in /etc/cni/net.d and the plugins in /opt/cni/bin, which
+/// ctr 1.6 does not let us change): the task's pid is bulkhead-vmm's, which
+/// runs in the sandbox's namespace, so the guest gets CNI's address.
+fn ctr_run_cni() -> Result<(), Failed> {
+    let conf_dir = Path::new("/etc/cni/net.d");
+    let conf = conf_dir.join("10-bulkhead-test.conflist");
+    let bin_dir = Path::new("/opt/cni/bin");
+    if !bulkhead_tests::kvm::inside_emulated_host() {
+        eprintln!(
+            "SKIPPED ctr_run_cni: it writes /etc/cni/net.d and /opt/cni/bin, which it does only \
+             in the emulated host (a throw-away root), never on this machine"
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(conf_dir)?;
+    std::fs::write(&conf, CNI_CONFLIST)?;
+    if !bin_dir.exists() {
+        std::fs::create_dir_all("/opt/cni")?;
+        std::os::unix::fs::symlink("/usr/lib/cni", bin_dir)?;
+    }
+    let s = Setup::new()?;
+    let mut c = s.ctr(["run", "--rm", "--cni", "--runtime", RUNTIME]);
+    c.args([IMAGE, "cni1", "sh", "-c", "ip -4 addr show eth0; ip route"]);
+    let o = run_cmd(&mut c)?;
+    expect(&o, 0, "ctr run --cni", &s.daemon().log_tail())?;
+    if !o.stdout.contains("inet 10.99.")
+        || !o.stdout.contains(&format!("default via {CNI_GATEWAY}"))
+    {
+        return Err(format!(
+            "the guest did not get CNI's address and route:\n{}",
+            o.stdout
+        )
+        .into());
+    }
+    s.finish()?;
+    let _ = std::fs::remove_file(&conf);
+    no_leases()
 }
 
 fn killed_vmm() -> Result<(), Failed> {

@@ -40,6 +40,10 @@ fn main() -> ExitCode {
                 "bad_network_flags_leave_nothing",
                 bad_network_flags_leave_nothing,
             ),
+            common::trial(
+                "containers_on_a_user_network_find_each_other_by_name",
+                containers_on_a_user_network_find_each_other_by_name,
+            ),
         ]
     })
 }
@@ -349,4 +353,91 @@ fn bad_network_flags_leave_nothing() -> Result<(), Failed> {
         .into());
     }
     network_left_nothing()
+}
+
+fn containers_on_a_user_network_find_each_other_by_name() -> Result<(), Failed> {
+    let net = "testnet";
+    expect_ok(&bulkhead(&["network", "create", net])?, "network create")?;
+    let again = bulkhead(&["network", "create", net])?;
+    if again.code == 0 || !again.stderr.contains("already exists") {
+        return Err(format!("a second create: {} {}", again.code, again.stderr).into());
+    }
+    let ls = bulkhead(&["network", "ls"])?;
+    expect_ok(&ls, "network ls")?;
+    if !ls
+        .stdout
+        .lines()
+        .any(|l| l.starts_with(net) && l.contains("10.78."))
+    {
+        return Err(format!(
+            "network ls does not show {net} on 10.78.N.0/24:\n{}",
+            ls.stdout
+        )
+        .into());
+    }
+    let rootfs = rootfs_serving("found by name")?;
+    let path = rootfs.path().to_str().ok_or("path")?;
+    let server = "named-server";
+    let out = bulkhead(&[
+        "run",
+        "-d",
+        "--name",
+        server,
+        "--network",
+        net,
+        "--rootfs",
+        path,
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])?;
+    expect_ok(&out, "run -d on the user network")?;
+    let result = (|| -> Result<(), Failed> {
+        let busy = bulkhead(&["network", "rm", net])?;
+        if busy.code == 0 || !busy.stderr.contains(server) {
+            return Err(format!(
+                "network rm with a container on it: {} {}",
+                busy.code, busy.stderr
+            )
+            .into());
+        }
+        let client = rootfs_serving("unused")?;
+        let script = format!(
+            "for i in $(seq 30); do timeout 10 wget -q -O - http://{server}/ && exit 0; sleep 1; done; \
+             cat /etc/hosts; exit 1"
+        );
+        let out = bulkhead(&[
+            "run",
+            "--rm",
+            "--network",
+            net,
+            "--rootfs",
+            client.path().to_str().ok_or("path")?,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])?;
+        expect_ok(&out, "wget by name")?;
+        if !out.stdout.contains("found by name") {
+            return Err(format!("unexpected answer: {:?}", out.stdout).into());
+        }
+        Ok(())
+    })();
+    let removed = bulkhead(&["rm", "-f", server])?;
+    result?;
+    expect_ok(&removed, "rm -f")?;
+    expect_ok(&bulkhead(&["network", "rm", net])?, "network rm")?;
+    let bridges: Vec<String> = common::listing(Path::new("/sys/class/net"))
+        .into_iter()
+        .filter(|n| n.starts_with("bh-"))
+        .collect();
+    if !bridges.is_empty() {
+        return Err(format!("bridges left after network rm: {bridges:?}").into());
+    }
+    common::nothing_left(&["bulkhead-vmm", "virtiofsd"])
 }

@@ -4,6 +4,7 @@
 mod boot;
 mod cli;
 mod ctr;
+mod net;
 mod run;
 
 use anyhow::Result;
@@ -19,6 +20,9 @@ pub enum Which {
     Ctr,
     /// The CLI with an image: `bulkhead run --rm busybox true` vs `runc run`.
     Cli,
+    /// Networking on the CNI bridge vs runc on the same bridge: TCP streams
+    /// both ways, request rate, and what the network adds to start.
+    Net,
 }
 
 /// Runs benchmark `which` with `runs` samples per side.
@@ -28,6 +32,7 @@ pub fn run(which: Which, runs: usize) -> Result<()> {
         Which::Run => run::run(runs),
         Which::Ctr => ctr::run(runs),
         Which::Cli => cli::run(runs),
+        Which::Net => net::run(runs),
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use bulkhead::cli::args::{Cli, Command, RunArgs};
+use bulkhead::cli::args::{Cli, Command, NetworkCommand, RunArgs};
 use bulkhead::cli::colour;
 use bulkhead::cli::doctor::diagnose;
 use bulkhead::cli::exec::{exec, ExecOptions};
@@ -149,6 +149,17 @@ async fn dispatch(command: Command, config: Config) -> Result<i32> {
         Command::Load(args) => images::load(&config, &args.input, args.tag).map(|()| 0),
         Command::Images(args) => images::list(&config, args.quiet).map(|()| 0),
         Command::Rmi(args) => images::remove(&config, &args.images, args.force).map(|()| 0),
+        Command::Network(cmd) => {
+            match cmd {
+                NetworkCommand::Create { subnet, name } => {
+                    network::create(&config, &name, subnet.as_deref())?
+                }
+                NetworkCommand::Ls { quiet } => network::list(&config, quiet)?,
+                NetworkCommand::Rm { names } => network::remove(&config, &names).await?,
+                NetworkCommand::Inspect { names } => network::inspect(&config, &names)?,
+            }
+            Ok(0)
+        }
         Command::Monitor { id } => {
             let containers = manage::containers(&config)?;
             supervise(&config, &containers, &id, Attach::Detached).await

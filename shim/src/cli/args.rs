@@ -51,6 +51,9 @@ pub enum Command {
     Images(ImagesArgs),
     /// Remove images.
     Rmi(RmiArgs),
+    /// Manage networks: create, ls, rm, inspect.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Check that this host can run bulkhead, and say how to fix what is missing;
     /// exits 1 if a check failed.
     Doctor(DoctorArgs),
@@ -62,6 +65,40 @@ pub enum Command {
     Monitor {
         /// The container's id.
         id: String,
+    },
+}
+
+/// `bulkhead network ...`.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Create a bridge network; containers on it reach each other by address
+    /// and by name.
+    Create {
+        /// Its addresses [default: the first free 10.78.N.0/24].
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// The network's name.
+        name: String,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        /// Only names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove networks that no container is on.
+    #[command(alias = "remove")]
+    Rm {
+        /// Network names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Show networks as JSON.
+    Inspect {
+        /// Network names.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod docker;
+mod network;
 
 use super::artifacts::{on_path, Artifact, Located};
 use crate::config::{Config, ConfigError};
@@ -212,6 +213,7 @@ pub fn diagnose(loaded: Result<Config, ConfigError>, containerd_config: Option<&
     checks.push(virtiofsd);
     checks.push(check_run_root(&config.run_root));
     checks.push(check_cgroups());
+    checks.push(network::check_network());
     checks.extend(check_containerd(containerd_config));
     checks.extend(docker::check_docker());
     Report { checks }

@@ -127,14 +127,8 @@ async fn start_and_wait(
     };
     let addresses: Vec<std::net::IpAddr> = up
         .as_ref()
-        .map(|u| {
-            u.attachment
-                .guest
-                .addresses
-                .iter()
-                .map(|c| c.addr)
-                .collect()
-        })
+        .and_then(|u| u.attachment.guest.as_ref())
+        .map(|g| g.addresses.iter().map(|c| c.addr).collect())
         .unwrap_or_default();
     // The VM has its copy of the tap; ours would keep it alive past the VMM.
     // The published ports stay held until the end.
@@ -151,6 +145,9 @@ async fn start_and_wait(
             &hostname,
             &addresses,
         )?;
+        if let network::NetworkMode::Named(name) = &record.network.mode {
+            network::refresh_hosts(config, name);
+        }
         // A foreground `--rm` container's log could only be read while it
         // runs, from another shell; not writing it keeps its output as fast
         // as the terminal takes it.
@@ -183,6 +180,9 @@ async fn start_and_wait(
     };
     let stopped = sandbox.stop().await;
     take_network_down(&dir).await;
+    if let network::NetworkMode::Named(name) = &record.network.mode {
+        network::refresh_hosts(config, name);
+    }
     let code = result.with_context(|| {
         let cause = vm_report.map(|r| format!("{r}\n")).unwrap_or_default();
         format!(
@@ -222,7 +222,11 @@ fn add_name_files(
     let files = [
         (
             "hosts",
-            network::hosts_file(hostname, addresses, &record.network.extra_hosts),
+            network::hosts_file(
+                &format!("{} {hostname}", record.name),
+                addresses,
+                &record.network.extra_hosts,
+            ),
         ),
         (
             "resolv.conf",

@@ -229,6 +229,289 @@ pub fn bridge_conflist(
     })
 }
 
+/// What `network ls` and `inspect` show of a network list.
+fn summary(list: &serde_json::Value) -> (String, String) {
+    let bridge = list["plugins"][0]["bridge"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let subnet = list["plugins"][0]["ipam"]["ranges"][0][0]["subnet"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (bridge, subnet)
+}
+
+/// Every network's name and list, the default one included (made if missing).
+fn all_networks(config: &Config) -> Result<Vec<(String, serde_json::Value)>> {
+    conflist(config, DEFAULT_NETWORK)?;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(networks_dir(config))? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".conflist"))
+        else {
+            continue;
+        };
+        out.push((name.to_owned(), conflist(config, name)?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Whether two IPv4 networks overlap.
+fn overlaps(a: &str, b: &str) -> bool {
+    let parse = |s: &str| -> Option<(u32, u32)> {
+        let c: bulkhead_protocol::network::Cidr = s.parse().ok()?;
+        let IpAddr::V4(ip) = c.addr else { return None };
+        let mask = u32::MAX.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
+        Some((u32::from(ip) & mask, mask))
+    };
+    match (parse(a), parse(b)) {
+        (Some((na, ma)), Some((nb, mb))) => {
+            let m = ma & mb;
+            na & m == nb & m
+        }
+        _ => false,
+    }
+}
+
+/// `bulkhead network create NAME [--subnet CIDR]`: a bridge network list of
+/// the same shape as the default one, on its own bridge and subnet.
+pub fn create(config: &Config, name: &str, subnet: Option<&str>) -> Result<()> {
+    let NetworkMode::Named(name) = name.parse::<NetworkMode>()? else {
+        bail!("\"none\" is not a network that can be created");
+    };
+    let existing = all_networks(config)?;
+    if existing.iter().any(|(n, _)| *n == name) {
+        bail!("network {name} already exists");
+    }
+    let taken: Vec<String> = existing.iter().map(|(_, l)| summary(l).1).collect();
+    let subnet = match subnet {
+        Some(s) => {
+            let cidr: bulkhead_protocol::network::Cidr = s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--subnet {s}: {e}, e.g. --subnet 10.79.0.0/24"))?;
+            if !cidr.addr.is_ipv4() || cidr.prefix > 30 {
+                bail!("--subnet {s}: an IPv4 network of at least 4 addresses (a /30 or larger)");
+            }
+            if let Some(t) = taken.iter().find(|t| overlaps(t, s)) {
+                bail!("--subnet {s} overlaps {t}, which another network uses");
+            }
+            s.to_owned()
+        }
+        None => (0..=255)
+            .map(|n| format!("10.78.{n}.0/24"))
+            .find(|c| !taken.iter().any(|t| overlaps(t, c)))
+            .context("no free 10.78.N.0/24 left: give --subnet")?,
+    };
+    // Linux names are at most 15 bytes: a short hash of the name.
+    let bridge = format!("bh-{:08x}", crc32(name.as_bytes()));
+    let list = bridge_conflist(config, &name, &bridge, &subnet);
+    let path = networks_dir(config).join(format!("{name}.conflist"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&list)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{name}");
+    Ok(())
+}
+
+/// A small, stable hash for bridge names (not for security).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The containers with a network up on `name` (running, or whose network
+/// was not taken down yet).
+fn attached_to(config: &Config, name: &str) -> Result<Vec<super::containers::ContainerRecord>> {
+    let containers = super::containers::Containers::open(&super::state_root(config))?;
+    Ok(containers
+        .ids()?
+        .into_iter()
+        .filter(|id| containers.dir(id).join(ATTACHMENT_FILE).exists())
+        .filter_map(|id| containers.record(&id).ok())
+        .filter(|r| r.network.mode == NetworkMode::Named(name.to_owned()))
+        .collect())
+}
+
+/// `bulkhead network ls`.
+pub fn list(config: &Config, quiet: bool) -> Result<()> {
+    let networks = all_networks(config)?;
+    if quiet {
+        for (name, _) in networks {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<18} {:<16} CONTAINERS",
+        "NAME", "SUBNET", "BRIDGE"
+    );
+    for (name, list) in networks {
+        let (bridge, subnet) = summary(&list);
+        let n = attached_to(config, &name)?.len();
+        println!("{name:<24} {subnet:<18} {bridge:<16} {n}");
+    }
+    Ok(())
+}
+
+/// `bulkhead network inspect NAME...`.
+pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
+    let mut out = Vec::new();
+    for name in names {
+        let list = conflist(config, name)?;
+        let (bridge, subnet) = summary(&list);
+        let containers: Vec<serde_json::Value> = attached_to(config, name)?
+            .iter()
+            .map(|r| {
+                let dir = super::containers::Containers::open(&super::state_root(config))
+                    .map(|c| c.dir(&r.id))
+                    .unwrap_or_default();
+                json!({"Id": r.id, "Name": r.name, "Addresses": addresses(&dir)})
+            })
+            .collect();
+        out.push(json!({
+            "Name": name,
+            "Driver": "bridge",
+            "Bridge": bridge,
+            "Subnet": subnet,
+            "Containers": containers,
+            "CNI": list,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `bulkhead network rm NAME...`: the list, and the bridge the plugins made.
+pub async fn remove(config: &Config, names: &[String]) -> Result<()> {
+    let mut failed = Vec::new();
+    for name in names {
+        let result = async {
+            if name == DEFAULT_NETWORK {
+                bail!("{DEFAULT_NETWORK} is the default network and cannot be removed");
+            }
+            let list = conflist(config, name)?;
+            let users = attached_to(config, name)?;
+            if !users.is_empty() {
+                let names: Vec<&str> = users.iter().map(|r| r.name.as_str()).collect();
+                bail!(
+                    "network {name} has containers on it: {} (stop or rm them first)",
+                    names.join(", ")
+                );
+            }
+            let path = networks_dir(config).join(format!("{name}.conflist"));
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            let (bridge, _) = summary(&list);
+            delete_link(&bridge).await?;
+            let leases = super::state_root(config)
+                .join("cni")
+                .join("ipam")
+                .join(name);
+            let _ = std::fs::remove_dir_all(leases);
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => println!("{name}"),
+            Err(e) => {
+                eprintln!("bulkhead: {e:#}");
+                failed.push(name.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("not removed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Deletes host interface `name` if it exists.
+async fn delete_link(name: &str) -> Result<()> {
+    use futures_util::TryStreamExt;
+    if name.is_empty() {
+        return Ok(());
+    }
+    let handle = crate::sandbox::network::plumbing::connect()?;
+    let found = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await;
+    if let Ok(Some(link)) = found {
+        handle
+            .link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting bridge {name}"))?;
+    }
+    Ok(())
+}
+
+/// Rewrites `/etc/hosts` of every container on network `name`, in place
+/// (same file, so the guests see it through the share), so that each names
+/// all the others: containers on one network find each other by name.
+pub fn refresh_hosts(config: &Config, name: &str) {
+    let Ok(containers) = super::containers::Containers::open(&super::state_root(config)) else {
+        return;
+    };
+    let Ok(records) = attached_to(config, name) else {
+        return;
+    };
+    let peers: Vec<(String, String, Vec<IpAddr>)> = records
+        .iter()
+        .map(|r| {
+            let ips = addresses(&containers.dir(&r.id))
+                .iter()
+                .filter_map(|a| a.split('/').next().and_then(|ip| ip.parse().ok()))
+                .collect();
+            let host = r
+                .hostname
+                .clone()
+                .unwrap_or_else(|| r.short_id().to_owned());
+            (r.name.clone(), host, ips)
+        })
+        .collect();
+    for (record, (_, host, ips)) in records.iter().zip(&peers) {
+        let mut extra = record.network.extra_hosts.clone();
+        for (peer_name, peer_host, peer_ips) in &peers {
+            if peer_host == host {
+                continue;
+            }
+            for ip in peer_ips {
+                extra.push((format!("{peer_name} {peer_host}"), *ip));
+            }
+        }
+        let text = hosts_file(&format!("{} {host}", record.name), ips, &extra);
+        let path = containers.dir(&record.id).join("etc").join("hosts");
+        if path.exists() {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+            if let Err(e) = written {
+                tracing::warn!("updating {}: {e}", path.display());
+            }
+        }
+    }
+}
+
 /// Where a container's network namespace is pinned.
 fn netns_path(config: &Config, sid: &str) -> PathBuf {
     config.run_root.join("netns").join(sid)
@@ -371,6 +654,34 @@ pub async fn down(container_dir: &Path) -> Result<()> {
     std::fs::remove_file(&record_path)
         .with_context(|| format!("removing {}", record_path.display()))?;
     Ok(())
+}
+
+/// Takes down the networks of containers whose monitor is gone without
+/// having done it (killed, or the host went down): their leases, port
+/// mappings and firewall rules would otherwise stay until `rm`. Run before
+/// each new container, so a lease is never held by a container that cannot
+/// run. A container still being created (no monitor recorded yet) is left
+/// alone.
+pub async fn release_orphans(containers: &super::containers::Containers) {
+    let Ok(ids) = containers.ids() else {
+        return;
+    };
+    for id in ids {
+        let dir = containers.dir(&id);
+        if !dir.join(ATTACHMENT_FILE).exists() {
+            continue;
+        }
+        let Ok(state) = containers.state(&id) else {
+            continue;
+        };
+        if state.monitor.is_none() || state.monitor_alive() {
+            continue;
+        }
+        tracing::info!(container = %id, "releasing the network of a container whose monitor is gone");
+        if let Err(e) = down(&dir).await {
+            tracing::warn!(container = %id, "releasing its network: {e:#}");
+        }
+    }
 }
 
 /// [`down`] from synchronous code (and from inside a runtime): on a thread
@@ -543,6 +854,14 @@ mod tests {
         );
         assert!(text.contains("127.0.0.1\tlocalhost\n"));
         assert!(text.contains("10.77.0.2\tweb\n") && text.contains("10.0.0.5\tdb\n"));
+    }
+
+    #[test]
+    fn subnets_overlap_or_not() {
+        assert!(overlaps("10.78.0.0/24", "10.78.0.128/25"));
+        assert!(overlaps("10.0.0.0/8", "10.78.1.0/24"));
+        assert!(!overlaps("10.78.0.0/24", "10.78.1.0/24"));
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
     }
 
     #[test]

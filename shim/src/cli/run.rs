@@ -76,6 +76,7 @@ pub struct RunOptions {
 pub async fn run(opts: RunOptions) -> Result<i32> {
     validate(&opts)?;
     let containers = Containers::open(&super::state_root(&opts.config))?;
+    super::network::release_orphans(&containers).await;
     let (image, image_id, image_rootfs, rootfs, base) = match &opts.source {
         Source::Rootfs(dir) => {
             if !dir.is_dir() {

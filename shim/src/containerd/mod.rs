@@ -49,6 +49,12 @@ pub async fn main() {
         print!("{}", version_text());
         return;
     }
+    // A panic in a request handler only closes containerd's connection
+    // ("ttrpc: closed"); say where it was, in containerd's log.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("shim panic: {info}");
+        eprintln!("containerd-shim-bulkhead-v2: panic: {info}");
+    }));
     let config = containerd_shim::Config {
         // We log through `tracing` to containerd's log FIFO ourselves.
         no_setup_logger: true,

@@ -66,7 +66,12 @@ impl Shim for Service {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         if let Some(record) = BundleRecord::read(&bundle) {
             let result = if record.owns_vm {
-                force_remove(&record.run_root, &record.vm_id).map_err(|e| e.to_string())
+                let ns = super::task::owned_netns_path(&record.run_root, &record.vm_id);
+                force_remove(&record.run_root, &record.vm_id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        crate::sandbox::network::netns::remove(&ns).map_err(|e| e.to_string())
+                    })
             } else {
                 let share = record
                     .run_root

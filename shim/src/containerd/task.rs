@@ -36,7 +36,12 @@ use super::metrics;
 use super::record::BundleRecord;
 use crate::cli::artifacts::Artifacts;
 use crate::config::Config;
+use crate::sandbox::network::{self, netns};
 use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
+
+/// The interface CNI makes in a pod's namespace (containerd's CRI and `ctr
+/// run --cni` both name it so).
+const GUEST_IFNAME: &str = "eth0";
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +53,12 @@ struct Exit {
 /// One process (a container's init, or an exec) as containerd sees it.
 struct Process {
     stdio: StdioSpec,
+    /// The process's pid in the guest: for joining its namespaces there.
     pid: u32,
+    /// The pid containerd is told: bulkhead-vmm's. A guest pid names some
+    /// unrelated process on the host, and host tools act on this one
+    /// (`ctr run --cni` configures /proc/PID/ns/net), as with Kata.
+    host_pid: u32,
     status: api::Status,
     /// The OCI process of an exec, until it starts.
     exec_spec: Option<Vec<u8>>,
@@ -63,6 +73,7 @@ impl Process {
         Process {
             stdio,
             pid: 0,
+            host_pid: 0,
             status: api::Status::CREATED,
             exec_spec: None,
             io: None,
@@ -108,6 +119,42 @@ struct Vm {
     id: String,
     sandbox: Sandbox,
     conn: AgentConnection,
+    /// The network namespace made for this VM (the spec asked for a new one
+    /// and named none), removed with it.
+    owned_netns: Option<PathBuf>,
+}
+
+impl Vm {
+    /// Stops the VM and removes the namespace made for it.
+    async fn stop(self) {
+        if let Err(e) = self.sandbox.stop().await {
+            tracing::error!(sandbox = %self.id, "stopping the microVM: {e}");
+        }
+        if let Some(ns) = &self.owned_netns {
+            if let Err(e) = netns::remove(ns) {
+                tracing::error!(sandbox = %self.id, "removing network namespace {}: {e}", ns.display());
+            }
+        }
+    }
+}
+
+/// Where the network namespace of VM `vm_id` is pinned when the shim makes
+/// it (see [`Vm::owned_netns`]).
+pub fn owned_netns_path(run_root: &Path, vm_id: &str) -> PathBuf {
+    run_root.join("netns").join(vm_id)
+}
+
+/// The network namespace `spec` puts its container in: the one it names
+/// (CNI's, for a pod), a new one (`None` path: made here), or none at all
+/// (the host's network, which a VM cannot share: no NIC then).
+fn spec_netns(spec: &Spec) -> Option<Option<PathBuf>> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        .map(|n| n.path().clone())
 }
 
 #[derive(Default)]
@@ -227,9 +274,51 @@ impl Inner {
             self.config.boot_timeout(),
         );
         tracing::info!(sandbox = vm_id, vcpus, memory_mib, "booting the microVM");
-        let sandbox = Sandbox::start(&config, &[])
-            .await
-            .map_err(|e| failed(format!("starting the microVM of {vm_id}: {e}")))?;
+        let (netns, owned_netns) = match spec_netns(spec) {
+            Some(Some(path)) => (Some(path), None),
+            Some(None) => {
+                let path = owned_netns_path(&self.config.run_root, vm_id);
+                netns::create(&path).map_err(|e| failed(format!("microVM of {vm_id}: {e}")))?;
+                (Some(path.clone()), Some(path))
+            }
+            None => (None, None),
+        };
+        let remove_owned = || {
+            if let Some(ns) = &owned_netns {
+                let _ = netns::remove(ns);
+            }
+        };
+        let attachment = match &netns {
+            Some(ns) => match network::prepare(ns) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    remove_owned();
+                    return Err(failed(format!("the network of microVM {vm_id}: {e}")));
+                }
+            },
+            None => None,
+        };
+        let started = async {
+            let mut sandbox = Sandbox::start_on_network(&config, &[], attachment.as_ref())
+                .await
+                .map_err(|e| failed(format!("starting the microVM of {vm_id}: {e}")))?;
+            // A pod's namespace has CNI's interface already; a new one gets it
+            // (if at all) before the container starts.
+            if let Err(e) = sandbox.join_network(GUEST_IFNAME).await {
+                let _ = sandbox.stop().await;
+                return Err(failed(format!("the network of microVM {vm_id}: {e}")));
+            }
+            Ok(sandbox)
+        }
+        .await;
+        drop(attachment);
+        let sandbox = match started {
+            Ok(s) => s,
+            Err(e) => {
+                remove_owned();
+                return Err(e);
+            }
+        };
         let conn = sandbox.connection().clone();
         tracing::info!(
             sandbox = vm_id,
@@ -240,6 +329,7 @@ impl Inner {
             id: vm_id.to_owned(),
             sandbox,
             conn,
+            owned_netns,
         })
     }
 
@@ -359,9 +449,7 @@ impl Inner {
         if state.containers.is_empty() {
             if let Some(vm) = state.vm.take() {
                 tracing::info!(sandbox = %vm.id, "last container deleted: stopping the microVM");
-                if let Err(e) = vm.sandbox.stop().await {
-                    tracing::error!(sandbox = %vm.id, "stopping the microVM: {e}");
-                }
+                vm.stop().await;
             }
         }
     }
@@ -503,6 +591,7 @@ impl Task for TaskService {
                 .map_err(|e| failed(format!("container {id}: {e}")))?;
             let mut init = Process::new(stdio);
             init.pid = reply.pid;
+            init.host_pid = vm.sandbox.vmm_pid().unwrap_or(0);
             init.io = Some(Arc::new(Mutex::new(io)));
             Ok::<_, shim_ttrpc::Error>(init)
         }
@@ -516,7 +605,7 @@ impl Task for TaskService {
                 return Err(e);
             }
         };
-        let pid = init.pid;
+        let pid = init.host_pid;
         state.containers.insert(
             id.clone(),
             Container {
@@ -553,14 +642,29 @@ impl Task for TaskService {
         let inner = &self.inner;
         let mut state = inner.state.lock().await;
         let conn = state.conn()?;
-        let container = state.container_mut(&req.id)?;
-        let process = container.process_mut(&req.exec_id)?;
-        if process.status != api::Status::CREATED {
+        if state.container(&req.id)?.process(&req.exec_id)?.status != api::Status::CREATED {
             return Err(failed(format!(
                 "{}/{} is not in the created state",
                 req.id, req.exec_id
             )));
         }
+        if req.exec_id.is_empty() {
+            // `ctr run --cni` puts the interface in the namespace between
+            // create and start.
+            if let Some(vm) = state.vm.as_mut() {
+                vm.sandbox
+                    .join_network(GUEST_IFNAME)
+                    .await
+                    .map_err(|e| failed(format!("container {}: {e}", req.id)))?;
+            }
+        }
+        let host_pid = state
+            .vm
+            .as_ref()
+            .and_then(|vm| vm.sandbox.vmm_pid())
+            .unwrap_or(0);
+        let container = state.container_mut(&req.id)?;
+        let process = container.process_mut(&req.exec_id)?;
         if req.exec_id.is_empty() {
             let mut start = StartContainerRequest::new();
             start.container_id = req.id.clone();
@@ -586,10 +690,11 @@ impl Task for TaskService {
                 .await
                 .map_err(|e| failed(format!("exec {}: {e}", req.exec_id)))?;
             process.pid = reply.pid;
+            process.host_pid = host_pid;
             process.io = Some(Arc::new(Mutex::new(io)));
         }
         process.status = api::Status::RUNNING;
-        let pid = process.pid;
+        let pid = process.host_pid;
         let io = process.io.clone();
         let tx = process
             .exit_tx
@@ -627,7 +732,7 @@ impl Task for TaskService {
         resp.id = req.id.clone();
         resp.exec_id = req.exec_id.clone();
         resp.bundle = container.bundle.to_string_lossy().into_owned();
-        resp.pid = p.pid;
+        resp.pid = p.host_pid;
         resp.stdin = p.stdio.stdin.clone();
         resp.stdout = p.stdio.stdout.clone();
         resp.stderr = p.stdio.stderr.clone();
@@ -645,23 +750,63 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let state = self.inner.state.lock().await;
+        let mut state = self.inner.state.lock().await;
         let container = state.container(&req.id)?;
         let p = container.process(&req.exec_id)?;
         if p.exited().is_some() && !req.all {
             return Err(not_found("process already finished"));
         }
         let conn = state.conn()?;
+        // A process that never started has no watcher to report its end:
+        // killing it ends it here, so `Wait` (and `ctr task delete -f`)
+        // returns instead of waiting forever.
+        let never_started = {
+            let p = state.container_mut(&req.id)?.process_mut(&req.exec_id)?;
+            match (p.status == api::Status::CREATED, p.exit_tx.take()) {
+                (true, Some(tx)) => {
+                    p.status = api::Status::STOPPED;
+                    Some((tx, p.host_pid))
+                }
+                (_, tx) => {
+                    p.exit_tx = tx;
+                    None
+                }
+            }
+        };
         drop(state);
+        let never_started_exit = never_started.is_some();
+        if let Some((tx, pid)) = never_started {
+            let exit = Exit {
+                code: 128 + req.signal,
+                at: SystemTime::now(),
+            };
+            let _ = tx.send(Some(exit));
+            let mut ev = TaskExit::new();
+            ev.container_id = req.id.clone();
+            ev.id = if req.exec_id.is_empty() {
+                req.id.clone()
+            } else {
+                req.exec_id.clone()
+            };
+            ev.pid = pid;
+            ev.exit_status = exit.code;
+            ev.exited_at = Some(timestamp(exit.at)).into();
+            self.inner.publish(ev).await;
+        }
         let mut sig = SignalProcessRequest::new();
         sig.container_id = req.id.clone();
         sig.exec_id = req.exec_id.clone();
         sig.signal = req.signal;
         sig.all = req.all;
-        conn.agent()
-            .signal_process(ctx(), &sig)
-            .await
-            .map_err(|e| agent_err("signal", &req.id, e))?;
+        let signalled = conn.agent().signal_process(ctx(), &sig).await;
+        match signalled {
+            // The guest's created process is removed with the container.
+            Err(e) if never_started_exit => {
+                tracing::debug!(container = %req.id, "signal to a process that never started: {e}");
+            }
+            Err(e) => return Err(agent_err("signal", &req.id, e)),
+            Ok(_) => {}
+        }
         Ok(api::Empty::new())
     }
 
@@ -687,7 +832,7 @@ impl Task for TaskService {
                 )))
             }
         };
-        let pid = p.pid;
+        let pid = p.host_pid;
         if req.exec_id.is_empty() {
             inner.remove_container(&mut state, &req.id).await;
             let empty = state.containers.is_empty();
@@ -887,7 +1032,7 @@ impl Task for TaskService {
         let state = self.inner.state.lock().await;
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = state.containers.get(&req.id).map_or(0, |c| c.init.pid);
+        resp.task_pid = state.containers.get(&req.id).map_or(0, |c| c.init.host_pid);
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(resp)
     }

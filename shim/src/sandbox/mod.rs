@@ -31,6 +31,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
+use bulkhead_protocol::network::GuestNetwork;
 pub use dir::{first_mount_under, force_remove, mounts_under, SandboxDir};
 use network::NetworkAttachment;
 use processes::{start_virtiofsd, tail, HostProcess};
@@ -133,6 +134,9 @@ pub enum SandboxError {
         /// The guest console.
         console_tail: String,
     },
+    /// The sandbox's network could not be set up.
+    #[error("The sandbox's network: {0}")]
+    Network(#[from] network::NetworkError),
     /// A vsock connection to the guest failed.
     #[error("Cannot connect to guest vsock port {port}")]
     Vsock {
@@ -289,6 +293,9 @@ pub struct Sandbox {
     _ready: UnixStream,
     connection: AgentConnection,
     agent_version: String,
+    /// The network namespace the VM's tap is in, while its interface is not
+    /// configured in the guest yet.
+    unjoined_netns: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -401,12 +408,19 @@ impl Sandbox {
             }
         };
         step("agent ready and connected");
-        if let Some(network) = network {
-            if let Err(e) = configure_network(&connection, network).await {
-                vm.stop().await;
-                return Err(e);
+        let mut unjoined_netns = None;
+        match network {
+            Some(NetworkAttachment {
+                guest: Some(guest), ..
+            }) => {
+                if let Err(e) = configure_network(&connection, guest).await {
+                    vm.stop().await;
+                    return Err(e);
+                }
+                step("guest network configured");
             }
-            step("guest network configured");
+            Some(network) => unjoined_netns = Some(network.netns.clone()),
+            None => {}
         }
         Ok(Sandbox {
             id: config.id.clone(),
@@ -416,7 +430,39 @@ impl Sandbox {
             _ready: ready,
             connection,
             agent_version,
+            unjoined_netns,
         })
+    }
+
+    /// Joins the VM's tap to interface `ifname` of the sandbox's network
+    /// namespace and configures the guest's NIC, if the VM was started on a
+    /// namespace whose interface was not there yet and now is (`ctr run
+    /// --cni` adds it between create and start). Returns whether it did.
+    pub async fn join_network(&mut self, ifname: &str) -> Result<bool, SandboxError> {
+        let Some(netns) = self.unjoined_netns.clone() else {
+            return Ok(false);
+        };
+        let joined = {
+            let (netns, ifname) = (netns.clone(), ifname.to_owned());
+            tokio::task::spawn_blocking(move || network::join(&netns, &ifname))
+                .await
+                .map_err(|e| SandboxError::Network(network::NetworkError::Cni(e.to_string())))?
+                .map_err(SandboxError::Network)?
+        };
+        let Some(guest) = joined else {
+            return Ok(false);
+        };
+        configure_network(&self.connection, &guest).await?;
+        tracing::info!(sandbox = %self.id, netns = %netns.display(), "guest network configured");
+        self.unjoined_netns = None;
+        Ok(true)
+    }
+
+    /// bulkhead-vmm's process id: what a host tool may look at for the
+    /// sandbox (it runs in the sandbox's network namespace), never a guest
+    /// pid, which means nothing on the host.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.pid()
     }
 
     /// The sandbox id.
@@ -585,10 +631,25 @@ impl VmProcesses {
             None => None,
         };
         vm_config["net"] = match (&tap, network) {
-            (Some(_), Some(n)) => {
-                serde_json::json!({"mac": n.guest.mac.to_string(), "tap_fd": VMM_TAP_FD})
-            }
+            // Without the interface's MAC yet, the agent sets it on join.
+            (Some(_), Some(n)) => serde_json::json!({
+                "mac": n.guest.as_ref().map_or(UNPLUGGED_MAC.to_owned(), |g| g.mac.to_string()),
+                "tap_fd": VMM_TAP_FD,
+            }),
             _ => serde_json::json!({"mac": UNPLUGGED_MAC}),
+        };
+        // The VMM runs in the sandbox's namespace: host tools that look at
+        // the task's process (`ctr run --cni` sets up /proc/PID/ns/net)
+        // find the sandbox's network there.
+        let netns = match network {
+            Some(n) => Some(
+                std::fs::File::open(&n.netns).map_err(|source| SandboxError::Io {
+                    what: "open",
+                    path: n.netns.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
         };
         adjust(&mut vm_config);
         let vm_config_path = dir.file("vm.json");
@@ -606,11 +667,15 @@ impl VmProcesses {
         if let Some(tap) = &tap {
             processes::pass_descriptor(&mut cmd, tap.as_raw_fd(), VMM_TAP_FD);
         }
+        if let Some(ns) = &netns {
+            processes::enter_netns(&mut cmd, ns.as_raw_fd());
+        }
         let vmm = HostProcess::spawn("bulkhead-vmm", cmd, &dir.file("vmm.log"))?;
         // The VMM has its copy; a connection now waits in the backlog until
         // the VMM serves it, or fails when the VMM is gone.
         drop(vsock_listener);
         drop(tap);
+        drop(netns);
         // For `force_remove` after a crash of this process.
         vmm.write_pid_file(&dir.file("vmm.pid"));
         virtiofsd.write_pid_file(&dir.file("virtiofsd.pid"));
@@ -634,13 +699,13 @@ impl VmProcesses {
 /// configure it as the host interface it stands for.
 async fn configure_network(
     connection: &AgentConnection,
-    network: &NetworkAttachment,
+    guest: &GuestNetwork,
 ) -> Result<(), SandboxError> {
     connection
         .agent
         .configure_network(
             ttrpc::context::with_duration(RPC_TIMEOUT),
-            &network.guest.to_request(),
+            &guest.to_request(),
         )
         .await
         .map(|_| ())

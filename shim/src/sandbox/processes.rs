@@ -66,6 +66,11 @@ impl HostProcess {
         }
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -111,6 +116,21 @@ pub fn pass_descriptor(cmd: &mut Command, fd: RawFd, target: RawFd) {
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes the child of `cmd` join the network namespace open as `fd` before
+/// it runs. The caller keeps `fd` open until the child is spawned.
+pub fn enter_netns(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setns(2), which is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

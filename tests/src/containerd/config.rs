@@ -19,25 +19,33 @@ const DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.internal.v1.tracing",
 ];
 
-/// The CNI config of the CRI plugin: loopback only (tests need no pod network).
-///
-/// The first plugin (`static`, an IPAM plugin called as a main one) gives the
-/// pod's default interface the address 127.0.0.1 without touching the host: the
-/// CRI plugin of containerd 1.6 refuses a pod whose `eth0` got no IP ("failed to
-/// find network info for sandbox"), and `loopback` alone reports its IPs on `lo`.
-/// `loopback` then brings `lo` up and passes that result through.
+/// The CNI config of the CRI plugin (and of `ctr run --cni`): a bridge on the
+/// emulated host, so pods get real addresses and reach each other and the
+/// host, as on a Kubernetes node. The leases live in host-local's default
+/// place, shared by every containerd the tests start at once (one bridge,
+/// one address pool); `loopback` then brings `lo` up and passes the result on.
 pub const CNI_CONFLIST: &str = r#"{
   "cniVersion": "1.0.0",
-  "name": "bulkhead-test-loopback",
+  "name": "bulkhead-test",
   "plugins": [
     {
-      "type": "static",
-      "ipam": { "type": "static", "addresses": [ { "address": "127.0.0.1/8" } ] }
+      "type": "bridge",
+      "bridge": "bhtest0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [ [ { "subnet": "10.99.0.0/16" } ] ],
+        "routes": [ { "dst": "0.0.0.0/0" } ]
+      }
     },
     { "type": "loopback" }
   ]
 }
 "#;
+
+/// The gateway of [`CNI_CONFLIST`]'s bridge: the host's address on it.
+pub const CNI_GATEWAY: &str = "10.99.0.1";
 
 /// containerd's config (version 2) for `opts` laid out as `l`.
 pub(super) fn config_toml(opts: &ContainerdOptions, l: &Layout) -> String {

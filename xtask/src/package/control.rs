@@ -46,10 +46,15 @@ const LIBRARY_PACKAGES: &[(&str, &str)] = &[
 /// which must come from the glibc they were linked with: Debian 12's.
 const GLIBC: &str = "libc6 (>= 2.36)";
 
-/// The `Depends` of the package: glibc, plus the package of every library
+/// What `bulkhead run`'s default network runs: the standard CNI plugins,
+/// whose bridge, portmap and firewall plugins call iptables.
+const NETWORK_DEPENDS: &[&str] = &["containernetworking-plugins", "iptables"];
+
+/// The `Depends` of the package: glibc, the network's tools, plus the package of every library
 /// `dynamic` (virtiofsd) is linked against.
 pub fn depends_of(dynamic: &Path) -> Result<Vec<String>> {
     let mut depends = vec![GLIBC.to_owned()];
+    depends.extend(NETWORK_DEPENDS.iter().map(|d| (*d).to_owned()));
     for soname in needed_libraries(dynamic)? {
         let Some((_, package)) = LIBRARY_PACKAGES.iter().find(|(lib, _)| *lib == soname) else {
             bail!(
@@ -196,7 +201,10 @@ mod tests {
         )
         .unwrap();
         let control = std::fs::read_to_string(stage.path().join("DEBIAN/control")).unwrap();
-        assert!(control.contains("\nDepends: libc6 (>= 2.36), libcap-ng0\n"));
+        assert!(
+            control.contains("\nDepends: libc6 (>= 2.36), libcap-ng0\n"),
+            "{control}"
+        );
         assert!(control.contains("\nInstalled-Size: 3\n"), "{control}");
         assert!(control.ends_with(".\n") && !control.contains("\n\n"));
         let conffiles = std::fs::read_to_string(stage.path().join("DEBIAN/conffiles")).unwrap();

@@ -13,7 +13,7 @@ pub mod plumbing;
 pub mod tap;
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bulkhead_protocol::network::GuestNetwork;
 
@@ -54,37 +54,83 @@ pub enum NetworkError {
     Cni(String),
 }
 
-/// What a VM needs to be on a network: the tap for bulkhead-vmm, and the
-/// interface settings for the agent.
+/// What a VM needs to be on a network: the tap for bulkhead-vmm, the
+/// namespace it is in (the VMM runs there too), and the interface settings
+/// for the agent once the interface it stands for exists.
 #[derive(Debug)]
 pub struct NetworkAttachment {
+    /// The sandbox's network namespace.
+    pub netns: PathBuf,
     /// The tap (made with a virtio-net header), for the VMM.
     pub tap: OwnedFd,
-    /// The guest's MAC, MTU, addresses and routes.
-    pub guest: GuestNetwork,
+    /// The guest's MAC, MTU, addresses and routes: `None` while the
+    /// interface to join is not there yet (`ctr run --cni` adds it between
+    /// create and start).
+    pub guest: Option<GuestNetwork>,
 }
 
 /// Makes the tap in the namespace at `netns`, joins it to interface `ifname`
-/// there and returns it with the interface's settings.
+/// there and returns it with the interface's settings. The interface must
+/// exist.
 pub fn attach(netns: &Path, ifname: &str) -> Result<NetworkAttachment, NetworkError> {
+    let mut attachment = prepare(netns)?;
+    attachment.guest = Some(
+        join(netns, ifname)?.ok_or_else(|| NetworkError::NoInterface {
+            name: ifname.to_owned(),
+            reason: format!("not found in {}", netns.display()),
+        })?,
+    );
+    Ok(attachment)
+}
+
+/// Makes the tap in the namespace at `netns`, not joined to anything yet.
+pub fn prepare(netns: &Path) -> Result<NetworkAttachment, NetworkError> {
+    let tap =
+        netns::run_in(netns, || tap::create(TAP_NAME)).map_err(|source| NetworkError::Io {
+            what: format!("making the VM's tap in {}", netns.display()),
+            source,
+        })?;
+    Ok(NetworkAttachment {
+        netns: netns.to_owned(),
+        tap,
+        guest: None,
+    })
+}
+
+/// Joins the tap made by [`prepare`] to interface `ifname` of the namespace
+/// at `netns`, if that interface exists; `None` if it does not (yet).
+pub fn join(netns: &Path, ifname: &str) -> Result<Option<GuestNetwork>, NetworkError> {
+    let ifname_for_errors = ifname.to_owned();
     let ifname = ifname.to_owned();
     let done = netns::run_in(netns, move || {
-        let tap = tap::create(TAP_NAME)?;
+        if !interface_exists(&ifname) {
+            return Ok(None);
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let guest = runtime
+        runtime
             .block_on(async {
                 let handle = plumbing::connect()?;
                 plumbing::join(&handle, &ifname, TAP_NAME).await
             })
-            .map_err(std::io::Error::other)?;
-        Ok(NetworkAttachment { tap, guest })
+            .map(Some)
+            .map_err(std::io::Error::other)
     });
     done.map_err(|source| NetworkError::Io {
-        what: format!("setting up the VM's network in {}", netns.display()),
+        what: format!(
+            "joining the VM's tap to {} in {}",
+            ifname_for_errors,
+            netns.display()
+        ),
         source,
     })
+}
+
+/// Whether the calling thread's namespace has interface `name` (sysfs shows
+/// the namespace of whoever mounted it, so ask the kernel by name instead).
+fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 #[cfg(test)]
@@ -165,7 +211,7 @@ mod tests {
         .unwrap();
 
         let attached = attach(&pod, "eth0").unwrap();
-        let g = &attached.guest;
+        let g = attached.guest.as_ref().unwrap();
         assert_eq!(g.mtu, 1400);
         assert_eq!(g.addresses, vec!["10.250.0.2/24".parse().unwrap()]);
         assert_eq!(g.routes.len(), 1, "{:?}", g.routes);
