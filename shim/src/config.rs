@@ -91,6 +91,10 @@ pub struct Config {
     /// clock and a fresh random seed, instead of booting a kernel. Default
     /// true; false makes every sandbox boot its kernel.
     pub vm_templates: bool,
+    /// What `bulkhead run`'s containers may connect to, unless `--egress`
+    /// says otherwise: `open` (default), `deny`, or `allow=CIDR[:PORT],...`.
+    /// Enforced on the host, where the guest cannot lift it.
+    pub egress: String,
     /// Directory holding one directory per running sandbox (sockets, logs).
     /// Absolute path. Default `/run/bulkhead`.
     pub run_root: PathBuf,
@@ -117,6 +121,7 @@ impl Default for Config {
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             debug_console: false,
             vm_templates: true,
+            egress: "open".to_owned(),
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             file: None,
@@ -287,6 +292,12 @@ impl Config {
                     self.memory_mib
                 ),
             ));
+        }
+        if let Err(e) = self
+            .egress
+            .parse::<crate::sandbox::network::egress::EgressPolicy>()
+        {
+            return Err(invalid("egress", e.replace("--egress", "egress =")));
         }
         if self.boot_timeout_secs == 0 {
             return Err(invalid(
@@ -480,6 +491,7 @@ mod tests {
             "log_level",
             "debug_console",
             "vm_templates",
+            "egress",
             "run_root",
             "state_root",
         ] {
@@ -503,11 +515,13 @@ mod tests {
             boot_timeout_secs = 5
             log_level = "bulkhead=debug,info"
             debug_console = true
+            egress = "deny"
             run_root = "/tmp/bh"
             state_root = "/srv/bh"
         "#
         .parse()
         .unwrap();
+        assert_eq!(config.egress, "deny");
         assert_eq!(config.kernel.as_deref(), Some(Path::new("/k")));
         assert_eq!(config.virtiofsd_cache, VirtiofsdCache::Metadata);
         assert_eq!(config.vcpus, 254);

@@ -44,6 +44,10 @@ fn main() -> ExitCode {
                 "containers_on_a_user_network_find_each_other_by_name",
                 containers_on_a_user_network_find_each_other_by_name,
             ),
+            common::trial(
+                "egress_policy_is_enforced_on_the_host",
+                egress_policy_is_enforced_on_the_host,
+            ),
         ]
     })
 }
@@ -440,4 +444,56 @@ fn containers_on_a_user_network_find_each_other_by_name() -> Result<(), Failed> 
         return Err(format!("bridges left after network rm: {bridges:?}").into());
     }
     common::nothing_left(&["bulkhead-vmm", "virtiofsd"])
+}
+
+/// `--egress deny` blocks what the container opens, `allow=` admits exactly
+/// what it lists (and only that port), and a malformed policy is refused.
+fn egress_policy_is_enforced_on_the_host() -> Result<(), Failed> {
+    let served = tempfile::tempdir()?;
+    std::fs::write(served.path().join("hello.txt"), "hello from the host\n")?;
+    let _server = HostServer::start(served.path(), 18085)?;
+    let rootfs = rootfs_serving("unused")?;
+    let path = rootfs.path().to_str().ok_or("path")?;
+    let fetch = format!("timeout 15 wget -q -O - http://{GATEWAY}:18085/hello.txt; echo \"rc=$?\"");
+    let run_with = |policy: &str| -> Result<Out, Failed> {
+        bulkhead(&[
+            "run", "--rm", "--egress", policy, "--rootfs", path, "--", "sh", "-c", &fetch,
+        ])
+    };
+    let denied = run_with("deny")?;
+    expect_ok(&denied, "--egress deny")?;
+    if denied.stdout.contains("hello from the host") || denied.stdout.contains("rc=0") {
+        return Err(format!("--egress deny let the fetch through:\n{}", denied.stdout).into());
+    }
+    let allowed = run_with(&format!("allow={GATEWAY}/32:18085"))?;
+    expect_ok(&allowed, "--egress allow")?;
+    if !allowed.stdout.contains("hello from the host") {
+        return Err(format!(
+            "--egress allow= blocked what it lists:\n{}\n{}",
+            allowed.stdout, allowed.stderr
+        )
+        .into());
+    }
+    let other_port = run_with(&format!("allow={GATEWAY}/32:18086"))?;
+    if other_port.stdout.contains("hello from the host") {
+        return Err(format!(
+            "--egress allow= of another port let the fetch through:\n{}",
+            other_port.stdout
+        )
+        .into());
+    }
+    let bad = bulkhead(&[
+        "run",
+        "--rm",
+        "--egress",
+        "allow=nowhere",
+        "--rootfs",
+        path,
+        "--",
+        "true",
+    ])?;
+    if bad.code != 125 || !bad.stderr.contains("nowhere") {
+        return Err(format!("a bad policy: exit {}: {}", bad.code, bad.stderr).into());
+    }
+    network_left_nothing()
 }

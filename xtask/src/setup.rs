@@ -47,6 +47,8 @@ pub const PACKAGES: &[&str] = &[
     // tests' private containerd; bridge, portmap and firewall call iptables.
     "containernetworking-plugins",
     "iptables",
+    // Egress policies (`bulkhead run --egress`) are nftables rules.
+    "nftables",
     // `cargo xtask package` (dpkg-deb is in every Debian) and its end-to-end
     // test, which installs the package into a fresh Debian 12 root.
     "debootstrap",

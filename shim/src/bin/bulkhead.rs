@@ -238,6 +238,12 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
                 .iter()
                 .map(|h| network::parse_add_host(h))
                 .collect::<Result<_>>()?,
+            egress: args
+                .egress
+                .as_deref()
+                .unwrap_or(&config.egress)
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?,
         },
         hostname: args.hostname,
         config,

@@ -208,6 +208,10 @@ pub struct RunArgs {
     /// Add a line to the container's /etc/hosts (repeatable).
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
+    /// What the container may connect to: open, deny, or allow=CIDR[:PORT],...
+    /// (enforced on the host) [default: the config's `egress`, open].
+    #[arg(long, value_name = "POLICY")]
+    pub egress: Option<String>,
     /// The container's host name [default: its short id].
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,

@@ -101,11 +101,45 @@ async fn start_and_wait(
     let interrupted = super::run::first_signal();
     let started = tokio::select! {
         started = async {
-            let up = network::up(config, &dir, &sid, &record.network).await?;
-            let sandbox = Sandbox::start_on_network(&sandbox_config, &[], up.as_ref().map(|u| &u.attachment))
-                .await
+            let pending = network::prepare(config, &dir, &sid, &record.network).await?;
+            let (attachment, cni, reserved) = match pending {
+                Some(p) => (Some(p.attachment), Some(p.cni), p.reserved),
+                None => (None, None, Vec::new()),
+            };
+            // CNI's plugins take longer than the VM's start: both at once,
+            // the VM on the tap alone, joined to CNI's interface once it is
+            // there.
+            let connect = async {
+                match cni {
+                    Some(cni) => cni.connect().await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let boot = Sandbox::start_on_network(&sandbox_config, &[], attachment.as_ref());
+            let (connected, booted) = tokio::join!(connect, boot);
+            let mut sandbox = booted
                 .with_context(|| format!("starting the microVM of container {}", record.name))?;
-            Ok::<_, anyhow::Error>((sandbox, up))
+            let guest = match connected {
+                Ok(Some(_)) => {
+                    match sandbox.join_network(network::IFNAME, &record.network.egress).await {
+                        Ok(Some(guest)) => Some(guest),
+                        Ok(None) => {
+                            let _ = sandbox.stop().await;
+                            anyhow::bail!("CNI made no {} in the container's namespace", network::IFNAME);
+                        }
+                        Err(e) => {
+                            let _ = sandbox.stop().await;
+                            return Err(anyhow::Error::from(e).context("joining the microVM to its network"));
+                        }
+                    }
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    let _ = sandbox.stop().await;
+                    return Err(e);
+                }
+            };
+            Ok::<_, anyhow::Error>((sandbox, guest, reserved))
         } => Ok(started),
         number = interrupted => {
             let why = format!("interrupted by signal {number} while starting the microVM");
@@ -114,7 +148,7 @@ async fn start_and_wait(
             Err(number)
         }
     };
-    let (mut sandbox, up) = match started {
+    let (mut sandbox, guest, reserved) = match started {
         Ok(Ok(started)) => started,
         Ok(Err(e)) => {
             take_network_down(&dir).await;
@@ -125,14 +159,12 @@ async fn start_and_wait(
             return Ok(128 + number);
         }
     };
-    let addresses: Vec<std::net::IpAddr> = up
+    let addresses: Vec<std::net::IpAddr> = guest
         .as_ref()
-        .and_then(|u| u.attachment.guest.as_ref())
         .map(|g| g.addresses.iter().map(|c| c.addr).collect())
         .unwrap_or_default();
-    // The VM has its copy of the tap; ours would keep it alive past the VMM.
     // The published ports stay held until the end.
-    let _reserved = up.map(|u| u.reserved);
+    let _reserved = reserved;
     let result = async {
         share_rootfs(&mut sandbox, record, &dir, &sid)?;
         add_volumes(&mut sandbox, &mut spec, record, &sid)?;
@@ -178,8 +210,8 @@ async fn start_and_wait(
     } else {
         None
     };
-    let stopped = sandbox.stop().await;
-    take_network_down(&dir).await;
+    // Independent, and CNI's DEL is the slower: at once.
+    let (stopped, ()) = tokio::join!(sandbox.stop(), take_network_down(&dir));
     if let network::NetworkMode::Named(name) = &record.network.mode {
         network::refresh_hosts(config, name);
     }

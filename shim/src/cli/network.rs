@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::sandbox::network::cni::{self, Attachment, Plugins, PortMapping};
+use crate::sandbox::network::egress::EgressPolicy;
 use crate::sandbox::network::{self as core, netns, NetworkAttachment};
 
 /// The network a container is on when `--network` is not given.
@@ -26,7 +27,7 @@ pub const DEFAULT_BRIDGE: &str = "bulkhead0";
 /// (172.17/16), podman's (10.88/16, 10.89/16) and nerdctl's (10.4/24).
 pub const DEFAULT_SUBNET: &str = "10.77.0.0/16";
 /// The interface CNI makes in the container's namespace.
-const IFNAME: &str = "eth0";
+pub const IFNAME: &str = "eth0";
 /// Name of the record of a container's attachment, in its directory.
 pub const ATTACHMENT_FILE: &str = "network.json";
 
@@ -150,6 +151,9 @@ pub struct NetworkOptions {
     /// `--add-host`.
     #[serde(default)]
     pub extra_hosts: Vec<(String, IpAddr)>,
+    /// `--egress`, or the config's `egress`.
+    #[serde(default)]
+    pub egress: EgressPolicy,
 }
 
 impl NetworkOptions {
@@ -157,6 +161,9 @@ impl NetworkOptions {
     pub fn validate(&self) -> Result<()> {
         if self.mode == NetworkMode::None && !self.publish.is_empty() {
             bail!("-p with --network none: a container without a network has no port to publish");
+        }
+        if self.mode == NetworkMode::None && self.egress.is_filtered() {
+            bail!("--egress with --network none: a container without a network has no egress to limit");
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.publish {
@@ -517,17 +524,36 @@ fn netns_path(config: &Config, sid: &str) -> PathBuf {
     config.run_root.join("netns").join(sid)
 }
 
-/// A container's network, up: the attachment for the sandbox and what was
-/// made, to take down.
-pub struct Up {
-    /// The tap and guest settings for the sandbox core.
+/// A container's network, half made: the namespace, the VM's tap in it and
+/// the published ports held, with CNI still to run ([`Pending::connect`]),
+/// which takes seconds and so runs while the VM starts.
+pub struct Pending {
+    /// The tap (not joined yet) for the sandbox core.
     pub attachment: NetworkAttachment,
-    /// The CNI record (its result names the container's addresses).
-    pub cni: Attachment,
+    /// What CNI ADD is to run.
+    pub cni: PendingCni,
     /// The published ports, bound on the host for as long as the container
     /// runs (portmap only rewrites packets): so a second container or a host
     /// program cannot take them too, and a port in use is an error at once.
     pub reserved: Vec<PortReservation>,
+}
+
+/// CNI ADD, to run: see [`Pending`].
+pub struct PendingCni {
+    record: Attachment,
+    record_path: PathBuf,
+    name: String,
+}
+
+impl PendingCni {
+    /// Runs the network list's ADD and records its result.
+    pub async fn connect(mut self) -> Result<Attachment> {
+        cni::add(&Plugins::system(), &mut self.record)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to network {}: {e}", self.name))?;
+        cni::save(&self.record_path, &self.record)?;
+        Ok(self.record)
+    }
 }
 
 /// A host port held for a published container port.
@@ -585,23 +611,25 @@ fn reserve_ports(publish: &[PortMapping]) -> Result<Vec<PortReservation>> {
         .collect()
 }
 
-/// Makes the namespace, runs CNI ADD and joins the tap. On failure, whatever
-/// was made is taken down again and the error says what failed.
-pub async fn up(
+/// Makes the namespace and the tap and holds the published ports; CNI is
+/// left to [`PendingCni::connect`]. On failure, whatever was made is taken
+/// down again and the error says what failed.
+pub async fn prepare(
     config: &Config,
     container_dir: &Path,
     sid: &str,
     opts: &NetworkOptions,
-) -> Result<Option<Up>> {
+) -> Result<Option<Pending>> {
     let NetworkMode::Named(name) = &opts.mode else {
         return Ok(None);
     };
-    let list = conflist(config, name)?;
-    let plugins = Plugins::system();
-    plugins.check(&list).map_err(anyhow::Error::from)?;
+    let list = without_unused_plugins(conflist(config, name)?, !opts.publish.is_empty());
+    Plugins::system()
+        .check(&list)
+        .map_err(anyhow::Error::from)?;
     let reserved = reserve_ports(&opts.publish)?;
     let ns = netns_path(config, sid);
-    let mut record = Attachment {
+    let record = Attachment {
         container_id: sid.to_owned(),
         netns: ns.clone(),
         ifname: IFNAME.to_owned(),
@@ -612,20 +640,17 @@ pub async fn up(
     let record_path = container_dir.join(ATTACHMENT_FILE);
     // Written first: a crash from here on leaves a record to clean up by.
     cni::save(&record_path, &record)?;
-    let made = async {
-        netns::create(&ns)?;
-        cni::add(&plugins, &mut record)
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to network {name}: {e}"))?;
-        cni::save(&record_path, &record)?;
-        let attachment = core::attach(&ns, IFNAME)?;
-        Ok::<_, anyhow::Error>(attachment)
-    }
-    .await;
+    let made = netns::create(&ns)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| core::prepare(&ns).map_err(anyhow::Error::from));
     match made {
-        Ok(attachment) => Ok(Some(Up {
+        Ok(attachment) => Ok(Some(Pending {
             attachment,
-            cni: record,
+            cni: PendingCni {
+                record,
+                record_path,
+                name: name.clone(),
+            },
             reserved,
         })),
         Err(e) => {
@@ -635,6 +660,15 @@ pub async fn up(
             Err(e)
         }
     }
+}
+
+/// The list without the plugins that would do nothing: portmap when no port
+/// is published (each plugin is a process to run at start and at stop).
+fn without_unused_plugins(mut list: serde_json::Value, ports: bool) -> serde_json::Value {
+    if let Some(plugins) = list["plugins"].as_array_mut() {
+        plugins.retain(|p| ports || p["capabilities"]["portMappings"].as_bool() != Some(true));
+    }
+    list
 }
 
 /// Takes a container's network down, if it has one recorded: CNI DEL (the
@@ -854,6 +888,31 @@ mod tests {
         );
         assert!(text.contains("127.0.0.1\tlocalhost\n"));
         assert!(text.contains("10.77.0.2\tweb\n") && text.contains("10.0.0.5\tdb\n"));
+    }
+
+    #[test]
+    fn portmap_runs_only_with_published_ports() {
+        let list = json!({"plugins": [
+            {"type": "bridge"},
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+            {"type": "firewall"}
+        ]});
+        let types = |l: &serde_json::Value| -> Vec<String> {
+            l["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["type"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            types(&without_unused_plugins(list.clone(), true)),
+            ["bridge", "portmap", "firewall"]
+        );
+        assert_eq!(
+            types(&without_unused_plugins(list, false)),
+            ["bridge", "firewall"]
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ use super::metrics;
 use super::record::BundleRecord;
 use crate::cli::artifacts::Artifacts;
 use crate::config::Config;
+use crate::sandbox::network::egress::EgressPolicy;
 use crate::sandbox::network::{self, netns};
 use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
 
@@ -122,6 +123,30 @@ struct Vm {
     /// The network namespace made for this VM (the spec asked for a new one
     /// and named none), removed with it.
     owned_netns: Option<PathBuf>,
+    /// The egress policy of [`EGRESS_ANNOTATION`], for a join at start.
+    egress: EgressPolicy,
+}
+
+/// The annotation that gives a sandbox an egress policy (the values of
+/// `bulkhead run --egress`). For a Kubernetes pod, containerd passes it on
+/// when the runtime's `pod_annotations` lists it (e.g. `["io.bulkhead.*"]`).
+pub const EGRESS_ANNOTATION: &str = "io.bulkhead.egress";
+
+/// The egress policy `spec` asks for; a malformed one is an error.
+fn spec_egress(spec: &Spec) -> Result<EgressPolicy, String> {
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(EGRESS_ANNOTATION))
+    {
+        Some(v) => v.parse().map_err(|e: String| {
+            format!(
+                "annotation {EGRESS_ANNOTATION}: {}",
+                e.replace("--egress ", "")
+            )
+        }),
+        None => Ok(EgressPolicy::Open),
+    }
 }
 
 impl Vm {
@@ -274,6 +299,7 @@ impl Inner {
             self.config.boot_timeout(),
         );
         tracing::info!(sandbox = vm_id, vcpus, memory_mib, "booting the microVM");
+        let egress = spec_egress(spec).map_err(|e| failed(format!("microVM of {vm_id}: {e}")))?;
         let (netns, owned_netns) = match spec_netns(spec) {
             Some(Some(path)) => (Some(path), None),
             Some(None) => {
@@ -304,7 +330,7 @@ impl Inner {
                 .map_err(|e| failed(format!("starting the microVM of {vm_id}: {e}")))?;
             // A pod's namespace has CNI's interface already; a new one gets it
             // (if at all) before the container starts.
-            if let Err(e) = sandbox.join_network(GUEST_IFNAME).await {
+            if let Err(e) = sandbox.join_network(GUEST_IFNAME, &egress).await {
                 let _ = sandbox.stop().await;
                 return Err(failed(format!("the network of microVM {vm_id}: {e}")));
             }
@@ -330,6 +356,7 @@ impl Inner {
             sandbox,
             conn,
             owned_netns,
+            egress,
         })
     }
 
@@ -653,7 +680,7 @@ impl Task for TaskService {
             // create and start.
             if let Some(vm) = state.vm.as_mut() {
                 vm.sandbox
-                    .join_network(GUEST_IFNAME)
+                    .join_network(GUEST_IFNAME, &vm.egress)
                     .await
                     .map_err(|e| failed(format!("container {}: {e}", req.id)))?;
             }

@@ -437,25 +437,30 @@ impl Sandbox {
     /// Joins the VM's tap to interface `ifname` of the sandbox's network
     /// namespace and configures the guest's NIC, if the VM was started on a
     /// namespace whose interface was not there yet and now is (`ctr run
-    /// --cni` adds it between create and start). Returns whether it did.
-    pub async fn join_network(&mut self, ifname: &str) -> Result<bool, SandboxError> {
+    /// --cni` adds it between create and start). Returns the settings the
+    /// guest took, or `None` if there was nothing (yet) to join.
+    pub async fn join_network(
+        &mut self,
+        ifname: &str,
+        policy: &network::egress::EgressPolicy,
+    ) -> Result<Option<GuestNetwork>, SandboxError> {
         let Some(netns) = self.unjoined_netns.clone() else {
-            return Ok(false);
+            return Ok(None);
         };
         let joined = {
-            let (netns, ifname) = (netns.clone(), ifname.to_owned());
-            tokio::task::spawn_blocking(move || network::join(&netns, &ifname))
+            let (netns, ifname, policy) = (netns.clone(), ifname.to_owned(), policy.clone());
+            tokio::task::spawn_blocking(move || network::join(&netns, &ifname, &policy))
                 .await
                 .map_err(|e| SandboxError::Network(network::NetworkError::Cni(e.to_string())))?
                 .map_err(SandboxError::Network)?
         };
         let Some(guest) = joined else {
-            return Ok(false);
+            return Ok(None);
         };
         configure_network(&self.connection, &guest).await?;
         tracing::info!(sandbox = %self.id, netns = %netns.display(), "guest network configured");
         self.unjoined_netns = None;
-        Ok(true)
+        Ok(Some(guest))
     }
 
     /// bulkhead-vmm's process id: what a host tool may look at for the

@@ -23,7 +23,7 @@ const META_PACKAGE: &str = "linux-image-amd64";
 /// is what sandbox networking uses on a host: CNI's bridge and veth, tc's ingress
 /// qdisc, u32 filter and mirred redirect (the tap joined to the interface), and
 /// the netfilter pieces that iptables-nft needs for CNI's masquerade, portmap and
-/// firewall plugins.
+/// firewall plugins, and bridge connection tracking for egress policies.
 pub const MODULES: &[&str] = &[
     "virtio_mmio",
     "9pnet_virtio",
@@ -54,6 +54,9 @@ pub const MODULES: &[&str] = &[
     "xt_multiport",
     "xt_mark",
     "xt_tcpudp",
+    // Egress policies: nftables' bridge family with connection tracking.
+    "nf_conntrack_bridge",
+    "nft_meta_bridge",
 ];
 
 /// Bumped whenever the layout of a cached kernel entry changes.

@@ -47,8 +47,9 @@ const LIBRARY_PACKAGES: &[(&str, &str)] = &[
 const GLIBC: &str = "libc6 (>= 2.36)";
 
 /// What `bulkhead run`'s default network runs: the standard CNI plugins,
-/// whose bridge, portmap and firewall plugins call iptables.
-const NETWORK_DEPENDS: &[&str] = &["containernetworking-plugins", "iptables"];
+/// whose bridge, portmap and firewall plugins call iptables, and nft for
+/// egress policies.
+const NETWORK_DEPENDS: &[&str] = &["containernetworking-plugins", "iptables", "nftables"];
 
 /// The `Depends` of the package: glibc, the network's tools, plus the package of every library
 /// `dynamic` (virtiofsd) is linked against.

@@ -149,7 +149,7 @@ async fn exec(
         .spawn()
         .map_err(|source| NetworkError::Io {
             what: format!("running CNI plugin {}", binary.display()),
-            source,
+            cause: source,
         })?;
     let input = serde_json::to_vec(config).unwrap_or_default();
     if let Some(mut stdin) = child.stdin.take() {
@@ -166,7 +166,7 @@ async fn exec(
         })?
         .map_err(|source| NetworkError::Io {
             what: format!("waiting for CNI plugin {kind}"),
-            source,
+            cause: source,
         })?;
     let stdout: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
     if !output.status.success() {
@@ -242,7 +242,7 @@ pub fn result_addresses(result: &Value) -> Vec<String> {
 pub fn load(path: &Path) -> Result<Attachment, NetworkError> {
     let text = std::fs::read(path).map_err(|source| NetworkError::Io {
         what: format!("reading {}", path.display()),
-        source,
+        cause: source,
     })?;
     serde_json::from_slice(&text)
         .map_err(|e| NetworkError::Cni(format!("{} is not a CNI attachment: {e}", path.display())))
@@ -253,7 +253,7 @@ pub fn save(path: &Path, attachment: &Attachment) -> Result<(), NetworkError> {
     let tmp = path.with_extension("tmp");
     let io = |source| NetworkError::Io {
         what: format!("writing {}", path.display()),
-        source,
+        cause: source,
     };
     std::fs::write(
         &tmp,

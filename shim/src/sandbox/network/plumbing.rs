@@ -31,7 +31,10 @@ const INGRESS_PARENT: u32 = 0xffff_0000;
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
     let what = what.into();
-    move |source| NetworkError::Netlink { what, source }
+    move |source| NetworkError::Netlink {
+        what,
+        cause: source,
+    }
 }
 
 /// Opens a netlink connection in the calling thread's namespace; its task
@@ -40,7 +43,7 @@ pub fn connect() -> Result<Handle, NetworkError> {
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|source| NetworkError::Io {
             what: "opening a netlink socket".into(),
-            source,
+            cause: source,
         })?;
     tokio::spawn(connection);
     Ok(handle)
@@ -64,9 +67,112 @@ async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkMessage, Networ
         })
 }
 
+/// The bridge that joins tap and interface when the sandbox has an egress
+/// policy (see [`super::egress`]).
+pub const POLICY_BRIDGE: &str = "br0_bh";
+
 /// Reads `ifname`'s identity, brings `tap` up with its MTU and redirects
 /// every frame between the two. Returns what the guest must take.
 pub async fn join(handle: &Handle, ifname: &str, tap: &str) -> Result<GuestNetwork, NetworkError> {
+    let (guest, index, tap_index) = identity_and_tap(handle, ifname, tap).await?;
+    for (from, to, name) in [(index, tap_index, ifname), (tap_index, index, tap)] {
+        handle
+            .qdisc()
+            .add(from as i32)
+            .ingress()
+            .execute()
+            .await
+            .map_err(netlink(format!("adding an ingress qdisc to {name}")))?;
+        handle
+            .traffic_filter(from as i32)
+            .add()
+            .parent(INGRESS_PARENT)
+            .protocol(ETH_P_ALL_BE)
+            .redirect(to)
+            .map_err(netlink("building the redirect filter"))?
+            .execute()
+            .await
+            .map_err(netlink(format!("redirecting {name}'s frames")))?;
+    }
+    Ok(guest)
+}
+
+/// Like [`join`], but through a bridge whose two ports are the tap and the
+/// interface, so that frames pass nftables' bridge hooks (an egress policy
+/// needs them; tc redirects skip netfilter). The interface gives its MAC to
+/// the guest and takes a new one: a bridge delivers frames for its ports'
+/// own addresses to itself, not across.
+pub async fn join_bridged(
+    handle: &Handle,
+    ifname: &str,
+    tap: &str,
+) -> Result<GuestNetwork, NetworkError> {
+    let (guest, index, tap_index) = identity_and_tap(handle, ifname, tap).await?;
+    let mut own = crate::random::bytes::<6>();
+    own[0] = (own[0] & 0xfe) | 0x02;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(own.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink(format!("giving {ifname} a new MAC")))?;
+    handle
+        .link()
+        .add(
+            rtnetlink::LinkBridge::new(POLICY_BRIDGE)
+                .mtu(guest.mtu)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink(format!("making bridge {POLICY_BRIDGE}")))?;
+    let bridge = link_by_name(handle, POLICY_BRIDGE).await?.header.index;
+    for (port, name) in [(index, ifname), (tap_index, tap)] {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(port)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink(format!("adding {name} to {POLICY_BRIDGE}")))?;
+    }
+    // CNI's bridge may hairpin the guest's broadcasts back through the
+    // interface; learning the guest's MAC there would send its replies away
+    // from the tap. The interface's side has nothing of its own to learn.
+    handle
+        .link()
+        .set_port(
+            rtnetlink::LinkBridgePort::new(index)
+                .learning(false)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink(format!("turning learning off on {ifname}")))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(bridge).up().build())
+        .execute()
+        .await
+        .map_err(netlink(format!("setting {POLICY_BRIDGE} up")))?;
+    Ok(guest)
+}
+
+/// Reads `ifname`'s identity and brings `tap` up with its MTU; returns the
+/// guest's settings and both interfaces' indices.
+async fn identity_and_tap(
+    handle: &Handle,
+    ifname: &str,
+    tap: &str,
+) -> Result<(GuestNetwork, u32, u32), NetworkError> {
     let iface = link_by_name(handle, ifname).await?;
     let index = iface.header.index;
     let mut mac = None;
@@ -110,31 +216,13 @@ pub async fn join(handle: &Handle, ifname: &str, tap: &str) -> Result<GuestNetwo
         .execute()
         .await
         .map_err(netlink(format!("setting {tap} up")))?;
-    for (from, to, name) in [(index, tap_index, ifname), (tap_index, index, tap)] {
-        handle
-            .qdisc()
-            .add(from as i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(netlink(format!("adding an ingress qdisc to {name}")))?;
-        handle
-            .traffic_filter(from as i32)
-            .add()
-            .parent(INGRESS_PARENT)
-            .protocol(ETH_P_ALL_BE)
-            .redirect(to)
-            .map_err(netlink("building the redirect filter"))?
-            .execute()
-            .await
-            .map_err(netlink(format!("redirecting {name}'s frames")))?;
-    }
-    Ok(GuestNetwork {
+    let guest = GuestNetwork {
         mac,
         mtu,
         addresses,
         routes,
-    })
+    };
+    Ok((guest, index, tap_index))
 }
 
 /// The interface's global addresses (link-local ones the guest makes itself).
