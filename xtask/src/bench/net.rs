@@ -169,8 +169,10 @@ fn compare(sides: &[&dyn Side; 2], runs: usize) -> Result<Vec<Row>> {
     ])
 }
 
-/// Connects to the container's sink and sends [`STREAM_BYTES`]; done when the
-/// container's `nc` has read it all and closed.
+/// Connects to the container's sink and sends [`STREAM_BYTES`], timed as
+/// iperf's sender is: until the last byte is handed to the kernel (what is
+/// still in the socket buffer is small next to the stream). The container's
+/// `nc` ends when it reads the end of the stream.
 fn stream_into(ip: IpAddr) -> Result<f64> {
     let mut s = connect_retrying(SocketAddr::new(ip, SINK_PORT))?;
     let started = Instant::now();
@@ -180,10 +182,9 @@ fn stream_into(ip: IpAddr) -> Result<f64> {
         s.write_all(&chunk)?;
         sent += chunk.len() as u64;
     }
-    s.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest)?;
-    Ok(mib_per_s(sent, started.elapsed()))
+    let elapsed = started.elapsed();
+    s.shutdown(Shutdown::Both)?;
+    Ok(mib_per_s(sent, elapsed))
 }
 
 /// Has the container send [`STREAM_BYTES`] to the host; timed from the
@@ -192,15 +193,20 @@ fn stream_out_of(side: &dyn Side) -> Result<f64> {
     let listener = TcpListener::bind((GATEWAY, SOURCE_PORT))
         .with_context(|| format!("listening on {GATEWAY}:{SOURCE_PORT}"))?;
     let count = STREAM_BYTES >> 16;
-    let script =
-        format!("dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc {GATEWAY} {SOURCE_PORT}");
+    // `-w 5`: busybox nc waits for the far end after its input ends; it has
+    // 5 s to see the host close once everything arrived.
+    let script = format!(
+        "dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc -w 5 {GATEWAY} {SOURCE_PORT}"
+    );
     std::thread::scope(|scope| {
         let sender = scope.spawn(|| side.exec(&script));
         let (mut conn, _) = listener.accept()?;
         let started = Instant::now();
         let mut buf = vec![0u8; 1 << 16];
         let mut got = 0u64;
-        loop {
+        // Until all of it arrived: the sender may not close by itself.
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        while got < STREAM_BYTES {
             let n = conn.read(&mut buf)?;
             if n == 0 {
                 break;
@@ -208,6 +214,7 @@ fn stream_out_of(side: &dyn Side) -> Result<f64> {
             got += n as u64;
         }
         let elapsed = started.elapsed();
+        drop(conn);
         sender
             .join()
             .map_err(|_| anyhow::anyhow!("the sender thread panicked"))??;

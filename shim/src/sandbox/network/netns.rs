@@ -36,10 +36,19 @@ pub fn run_in<T: Send + 'static>(
 /// Makes a new network namespace and pins it at `path` (a bind mount of it,
 /// which keeps it alive with no process inside), as `ip netns add` does.
 pub fn create(path: &Path) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    // The directory goes when its last namespace does (see [`remove`]): a
+    // removal racing this one is undone by a second try.
+    let mut tries = 0;
+    loop {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match File::create(path) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 => tries += 1,
+            Err(e) => return Err(e),
+        }
     }
-    File::create(path)?;
     let target = path.to_owned();
     let made = std::thread::spawn(move || -> io::Result<()> {
         unshare(CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
@@ -64,8 +73,8 @@ pub fn create(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Unpins and removes a namespace made by [`create`]; a missing one is fine
-/// (removal is retried after crashes).
+/// Unpins and removes a namespace made by [`create`], and its directory if
+/// it was the last; a missing one is fine (removal is retried after crashes).
 pub fn remove(path: &Path) -> io::Result<()> {
     match umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
@@ -77,9 +86,15 @@ pub fn remove(path: &Path) -> io::Result<()> {
         }
     }
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    // The last one out takes the directory (fails harmlessly while others
+    // are in it), so nothing of ours stays under the run directory.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
