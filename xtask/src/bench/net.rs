@@ -237,9 +237,9 @@ fn request_rate(ip: IpAddr) -> Result<f64> {
         let mut reply = Vec::new();
         s.read_to_end(&mut reply)?;
         ensure!(
-            reply.starts_with(b"HTTP/1.0 200"),
+            reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200"),
             "httpd answered {:?}",
-            String::from_utf8_lossy(&reply)
+            String::from_utf8_lossy(&reply[..reply.len().min(80)])
         );
     }
     Ok(REQUESTS as f64 / started.elapsed().as_secs_f64())
