@@ -194,8 +194,9 @@ impl Container {
         }
         let terminal = matches!(stdio, Stdio::Terminal);
         let cgroup_path = prepare_spec(&id, &mut spec, &rootfs, terminal)?;
-        // Held until libcontainer returns: by then the init has joined it.
-        let _spare_claim = spare_netns.as_deref().and_then(|s| s.lend_to(&mut spec));
+        if let Some(spare) = spare_netns.as_deref() {
+            spare.lend_to(&mut spec);
+        }
         let op = |step: &str| {
             let id = id.clone();
             let step = step.to_string();

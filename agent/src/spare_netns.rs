@@ -74,40 +74,40 @@ impl SpareNetns {
     }
 
     /// Points `spec`'s new network namespace at the spare, if the spec asks
-    /// for one that the spare can stand in for and the spare is still there.
+    /// for one that the spare can stand in for and the spare is still there;
+    /// returns whether it did. The pin stays afterwards: the namespace is the
+    /// sandbox's for the VM's life, and the host may still configure its
+    /// network (see [`SpareNetns::path`]).
     ///
     /// Not when the container also gets a user namespace: a namespace the
     /// agent made belongs to the guest's initial user namespace, and root in
-    /// the container could not configure it. The returned claim must live
-    /// until the container's init has joined the namespace.
-    pub fn lend_to(&self, spec: &mut Spec) -> Option<Claim> {
-        let namespaces = spec.linux_mut().as_mut()?.namespaces_mut().as_mut()?;
+    /// the container could not configure it.
+    pub fn lend_to(&self, spec: &mut Spec) -> bool {
+        let Some(namespaces) = spec
+            .linux_mut()
+            .as_mut()
+            .and_then(|l| l.namespaces_mut().as_mut())
+        else {
+            return false;
+        };
         if namespaces
             .iter()
             .any(|n| n.typ() == LinuxNamespaceType::User)
         {
-            return None;
+            return false;
         }
-        let network = namespaces
+        let Some(network) = namespaces
             .iter_mut()
-            .find(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())?;
+            .find(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
+        else {
+            return false;
+        };
         if self.taken.swap(true, Ordering::AcqRel) {
-            return None;
+            return false;
         }
         network.set_path(Some(self.path.clone()));
-        Some(Claim {
-            path: self.path.clone(),
-        })
+        true
     }
-}
-
-/// A container's hold on the spare, until its init has joined it. The pin
-/// stays after that: the namespace is the sandbox's for the VM's life, and
-/// the host may still configure its network (see [`SpareNetns::path`]).
-#[derive(Debug)]
-pub struct Claim {
-    #[allow(dead_code)]
-    path: PathBuf,
 }
 
 #[cfg(test)]
@@ -154,11 +154,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spare = unpinned(dir.path());
         let mut first = spec_with(&[LinuxNamespaceType::Pid, LinuxNamespaceType::Network]);
-        let claim = spare.lend_to(&mut first);
-        assert!(claim.is_some());
+        assert!(spare.lend_to(&mut first));
         assert_eq!(network_path(&first), Some(dir.path().join("spare")));
         let mut second = spec_with(&[LinuxNamespaceType::Network]);
-        assert!(spare.lend_to(&mut second).is_none());
+        assert!(!spare.lend_to(&mut second));
         assert_eq!(network_path(&second), None);
     }
 
@@ -167,9 +166,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spare = unpinned(dir.path());
         let mut no_netns = spec_with(&[LinuxNamespaceType::Pid]);
-        assert!(spare.lend_to(&mut no_netns).is_none());
+        assert!(!spare.lend_to(&mut no_netns));
         let mut userns = spec_with(&[LinuxNamespaceType::User, LinuxNamespaceType::Network]);
-        assert!(spare.lend_to(&mut userns).is_none());
+        assert!(!spare.lend_to(&mut userns));
         assert_eq!(network_path(&userns), None);
         let mut joined = spec_with(&[LinuxNamespaceType::Network]);
         joined
@@ -180,10 +179,10 @@ mod tests {
             .as_mut()
             .unwrap()[0]
             .set_path(Some(PathBuf::from("/proc/1/ns/net")));
-        assert!(spare.lend_to(&mut joined).is_none());
+        assert!(!spare.lend_to(&mut joined));
         assert_eq!(network_path(&joined), Some(PathBuf::from("/proc/1/ns/net")));
         // None of these used it up.
         let mut fresh = spec_with(&[LinuxNamespaceType::Network]);
-        assert!(spare.lend_to(&mut fresh).is_some());
+        assert!(spare.lend_to(&mut fresh));
     }
 }

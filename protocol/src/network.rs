@@ -67,6 +67,33 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Cidr {
+    /// Whether `addr` is inside this network (an address of the other
+    /// family never is).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.addr, addr) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the two networks share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
 impl FromStr for Cidr {
     type Err = &'static str;
 
@@ -248,6 +275,20 @@ mod tests {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
         }
         assert!(!"01:00:5e:00:00:01".parse::<Mac>().unwrap().is_unicast());
+    }
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let cidr: Cidr = "10.88.0.5/16".parse().unwrap();
+        assert!(cidr.contains("10.88.255.1".parse().unwrap()));
+        assert!(!cidr.contains("10.89.0.1".parse().unwrap()));
+        let host: Cidr = "10.88.0.5/32".parse().unwrap();
+        assert!(!host.contains("10.88.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        let v6: Cidr = "fd00::5/64".parse().unwrap();
+        assert!(v6.contains("fd00::1".parse().unwrap()));
+        assert!(!v6.contains("10.88.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::containers::{ContainerRecord, Containers};
 use crate::config::Config;
 use crate::sandbox::network::cni::{self, Attachment, Plugins, PortMapping};
 use crate::sandbox::network::egress::EgressPolicy;
@@ -270,17 +271,9 @@ fn all_networks(config: &Config) -> Result<Vec<(String, serde_json::Value)>> {
 
 /// Whether two IPv4 networks overlap.
 fn overlaps(a: &str, b: &str) -> bool {
-    let parse = |s: &str| -> Option<(u32, u32)> {
-        let c: bulkhead_protocol::network::Cidr = s.parse().ok()?;
-        let IpAddr::V4(ip) = c.addr else { return None };
-        let mask = u32::MAX.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
-        Some((u32::from(ip) & mask, mask))
-    };
-    match (parse(a), parse(b)) {
-        (Some((na, ma)), Some((nb, mb))) => {
-            let m = ma & mb;
-            na & m == nb & m
-        }
+    use bulkhead_protocol::network::Cidr;
+    match (a.parse::<Cidr>(), b.parse::<Cidr>()) {
+        (Ok(a), Ok(b)) => a.overlaps(&b),
         _ => false,
     }
 }
@@ -342,8 +335,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 /// The containers with a network up on `name` (running, or whose network
 /// was not taken down yet).
-fn attached_to(config: &Config, name: &str) -> Result<Vec<super::containers::ContainerRecord>> {
-    let containers = super::containers::Containers::open(&super::state_root(config))?;
+fn attached_to(containers: &Containers, name: &str) -> Result<Vec<ContainerRecord>> {
     Ok(containers
         .ids()?
         .into_iter()
@@ -366,9 +358,10 @@ pub fn list(config: &Config, quiet: bool) -> Result<()> {
         "{:<24} {:<18} {:<16} CONTAINERS",
         "NAME", "SUBNET", "BRIDGE"
     );
+    let containers = super::manage::containers(config)?;
     for (name, list) in networks {
         let (bridge, subnet) = summary(&list);
-        let n = attached_to(config, &name)?.len();
+        let n = attached_to(&containers, &name)?.len();
         println!("{name:<24} {subnet:<18} {bridge:<16} {n}");
     }
     Ok(())
@@ -376,18 +369,14 @@ pub fn list(config: &Config, quiet: bool) -> Result<()> {
 
 /// `bulkhead network inspect NAME...`.
 pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
+    let store = super::manage::containers(config)?;
     let mut out = Vec::new();
     for name in names {
         let list = conflist(config, name)?;
         let (bridge, subnet) = summary(&list);
-        let containers: Vec<serde_json::Value> = attached_to(config, name)?
+        let containers: Vec<serde_json::Value> = attached_to(&store, name)?
             .iter()
-            .map(|r| {
-                let dir = super::containers::Containers::open(&super::state_root(config))
-                    .map(|c| c.dir(&r.id))
-                    .unwrap_or_default();
-                json!({"Id": r.id, "Name": r.name, "Addresses": addresses(&dir)})
-            })
+            .map(|r| json!({"Id": r.id, "Name": r.name, "Addresses": addresses(&store.dir(&r.id))}))
             .collect();
         out.push(json!({
             "Name": name,
@@ -411,7 +400,7 @@ pub async fn remove(config: &Config, names: &[String]) -> Result<()> {
                 bail!("{DEFAULT_NETWORK} is the default network and cannot be removed");
             }
             let list = conflist(config, name)?;
-            let users = attached_to(config, name)?;
+            let users = attached_to(&super::manage::containers(config)?, name)?;
             if !users.is_empty() {
                 let names: Vec<&str> = users.iter().map(|r| r.name.as_str()).collect();
                 bail!(
@@ -474,10 +463,10 @@ async fn delete_link(name: &str) -> Result<()> {
 /// (same file, so the guests see it through the share), so that each names
 /// all the others: containers on one network find each other by name.
 pub fn refresh_hosts(config: &Config, name: &str) {
-    let Ok(containers) = super::containers::Containers::open(&super::state_root(config)) else {
+    let Ok(containers) = super::manage::containers(config) else {
         return;
     };
-    let Ok(records) = attached_to(config, name) else {
+    let Ok(records) = attached_to(&containers, name) else {
         return;
     };
     let peers: Vec<(String, String, Vec<IpAddr>)> = records
@@ -696,7 +685,7 @@ pub async fn down(container_dir: &Path) -> Result<()> {
 /// each new container, so a lease is never held by a container that cannot
 /// run. A container still being created (no monitor recorded yet) is left
 /// alone.
-pub async fn release_orphans(containers: &super::containers::Containers) {
+pub async fn release_orphans(containers: &Containers) {
     let Ok(ids) = containers.ids() else {
         return;
     };
