@@ -145,9 +145,13 @@ impl Drop for HostServer {
 }
 
 /// Everything the network made is gone: no veth, no pinned namespace, no
-/// IPAM lease, and no VM process.
+/// IPAM lease, no per-container iptables chain, and no VM process.
 fn network_left_nothing() -> Result<(), Failed> {
     common::nothing_left(&["bulkhead-vmm", "virtiofsd"])?;
+    let chains = per_container_chains(&iptables_save()?);
+    if !chains.is_empty() {
+        return Err(format!("per-container iptables chains left: {chains:?}").into());
+    }
     let root = PathBuf::from(std::env::var("BULKHEAD_ROOT").unwrap_or_default());
     let leases = root.join("cni/ipam/bulkhead");
     let held: Vec<String> = common::listing(&leases)
@@ -158,6 +162,34 @@ fn network_left_nothing() -> Result<(), Failed> {
         return Err(format!("IPAM leases left in {}: {held:?}", leases.display()).into());
     }
     Ok(())
+}
+
+fn iptables_save() -> Result<String, Failed> {
+    let out = Command::new("iptables-save").output()?;
+    if !out.status.success() {
+        return Err(format!("iptables-save: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The chains CNI makes for one container (portmap's `CNI-DN-*`, the bridge
+/// plugin's masquerade `CNI-<hash>`), and any rule still jumping to one:
+/// only the plugins' shared chains may outlive the containers.
+fn per_container_chains(saved: &str) -> Vec<String> {
+    const SHARED: &[&str] = &[
+        "CNI-HOSTPORT-DNAT",
+        "CNI-HOSTPORT-SETMARK",
+        "CNI-HOSTPORT-MASQ",
+        "CNI-FORWARD",
+        "CNI-ADMIN",
+    ];
+    saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("CNI-") && !SHARED.contains(c))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn container_has_an_address_and_reaches_the_host() -> Result<(), Failed> {
@@ -401,6 +433,13 @@ fn containers_on_a_user_network_find_each_other_by_name() -> Result<(), Failed> 
     ])?;
     expect_ok(&out, "run -d on the user network")?;
     let result = (|| -> Result<(), Failed> {
+        // The network's own rules, made once for all its containers.
+        let saved = iptables_save()?;
+        for role in ["masquerade", "out", "in"] {
+            if !saved.contains(&format!("\"bulkhead:{net}:{role}\"")) {
+                return Err(format!("no bulkhead:{net}:{role} rule in iptables:\n{saved}").into());
+            }
+        }
         let busy = bulkhead(&["network", "rm", net])?;
         if busy.code == 0 || !busy.stderr.contains(server) {
             return Err(format!(
@@ -436,6 +475,10 @@ fn containers_on_a_user_network_find_each_other_by_name() -> Result<(), Failed> 
     result?;
     expect_ok(&removed, "rm -f")?;
     expect_ok(&bulkhead(&["network", "rm", net])?, "network rm")?;
+    let saved = iptables_save()?;
+    if saved.contains(&format!("bulkhead:{net}:")) {
+        return Err(format!("rules of {net} left after network rm:\n{saved}").into());
+    }
     let bridges: Vec<String> = common::listing(Path::new("/sys/class/net"))
         .into_iter()
         .filter(|n| n.starts_with("bh-"))

@@ -44,7 +44,7 @@ pub const PACKAGES: &[&str] = &[
     "docker-registry",
     "skopeo",
     // CNI plugins (/usr/lib/cni): `bulkhead run`'s networks and the pods of the
-    // tests' private containerd; bridge, portmap and firewall call iptables.
+    // tests' private containerd; portmap and the networks' host rules use iptables.
     "containernetworking-plugins",
     "iptables",
     // Egress policies (`bulkhead run --egress`) are nftables rules.

@@ -1,13 +1,15 @@
 //! Networking: a bulkhead container on its default CNI bridge against a runc
 //! container on the same bridge (same plugins, same conflist, its own
 //! namespace), in the same host and run. TCP stream throughput both ways,
-//! TCP request/response rate (a new connection per request, to busybox
-//! httpd), and what the network adds to `bulkhead run`'s start.
+//! TCP request/response rate (one connection, netperf's TCP_RR) and HTTP
+//! requests with a connection each (busybox httpd, netperf's TCP_CRR), and
+//! what the network adds to `bulkhead run`'s start.
 //!
-//! The tools are busybox's in both containers (`nc`, `httpd`, `dd`) and
-//! plain sockets on the host, so both sides pay the same tool costs and the
-//! ratios compare the data paths: veth + bridge for runc; veth + tc redirect
-//! + tap + virtio-net + the guest's stack for bulkhead.
+//! The tools are the same in both containers (`netprobe`, built here, and
+//! busybox's `httpd`) and plain sockets on the host, so both sides pay the
+//! same tool costs and the ratios compare the data paths: veth + bridge for
+//! runc; veth + tc redirect + tap + virtio-net + the guest's stack for
+//! bulkhead.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -25,12 +27,16 @@ use crate::{place, workspace};
 
 /// Bytes per stream sample: long enough to dwarf connection set-up.
 const STREAM_BYTES: u64 = 64 << 20;
-/// Requests per request/response sample.
+/// HTTP requests (a connection each) per sample.
 const REQUESTS: usize = 200;
+/// Round trips on one connection per sample.
+const ROUND_TRIPS: usize = 2000;
 /// The port the containers receive streams on.
 const SINK_PORT: u16 = 5001;
 /// The host port the containers send streams to.
 const SOURCE_PORT: u16 = 5002;
+/// The port the containers echo on.
+const ECHO_PORT: u16 = 5003;
 /// The default network's gateway: the host's address on the bridge.
 const GATEWAY: &str = "10.77.0.1";
 
@@ -45,6 +51,9 @@ pub fn run(runs: usize) -> Result<()> {
     if !bulkhead_tests::kvm::inside_emulated_host() {
         workspace::build_release_runtime()?;
         crate::rootfs::busybox(&inputs.rootfs)?;
+        let probe = build_netprobe()?;
+        std::fs::copy(&probe, inputs.rootfs.join("bin/netprobe"))
+            .with_context(|| format!("copying {}", probe.display()))?;
         std::fs::create_dir_all(inputs.rootfs.join("www"))?;
         std::fs::write(inputs.rootfs.join("www/index.html"), "ok\n")?;
         make_runc_bundle(&inputs.bundle, &inputs.rootfs)?;
@@ -58,9 +67,32 @@ pub fn run(runs: usize) -> Result<()> {
     })
 }
 
-/// What every container runs: httpd for requests, and a loop of `nc -l`
-/// draining one stream at a time.
-const SERVER_SCRIPT: &str = "httpd -p 80 -h /www; while true; do nc -l -p 5001 > /dev/null; done";
+/// What every container runs: httpd, an echo server and a stream sink.
+const SERVER_SCRIPT: &str = "httpd -p 80 -h /www; netprobe echo 5003 & exec netprobe sink 5001";
+
+/// Builds `bulkhead-netprobe` static (it runs in a busybox root), in a
+/// target dir of its own so its RUSTFLAGS leave the workspace's build alone.
+fn build_netprobe() -> Result<PathBuf> {
+    let target_dir = workspace::root().join("target").join("netprobe-static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--quiet", "--release", "-p", "bulkhead-netprobe"])
+        .args(["--target", workspace::HOST_TRIPLE])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(workspace::root())
+        .status()
+        .with_context(|| format!("cannot run {cargo}"))?;
+    ensure!(
+        status.success(),
+        "building bulkhead-netprobe failed ({status})"
+    );
+    Ok(target_dir
+        .join(workspace::HOST_TRIPLE)
+        .join("release")
+        .join("bulkhead-netprobe"))
+}
 
 /// One side under test: how to reach its container and run commands in it.
 trait Side: Sync {
@@ -72,7 +104,8 @@ trait Side: Sync {
 fn measure(inputs: &Inputs, root: &Path, runs: usize) -> Result<()> {
     println!(
         "bench net: bulkhead vs runc on the same CNI bridge (10.77.0.0/16), {runs} samples each: \
-         {} MiB TCP streams both ways, {REQUESTS} HTTP requests (a connection each)",
+         {} MiB TCP streams both ways, {ROUND_TRIPS} round trips on one connection, \
+         {REQUESTS} HTTP requests (a connection each)",
         STREAM_BYTES >> 20
     );
     let start = start_overhead(inputs, root, runs)?;
@@ -95,60 +128,70 @@ fn measure(inputs: &Inputs, root: &Path, runs: usize) -> Result<()> {
             b / r
         );
     }
-    let (with_net, without) = start;
+    let [(start_net, start_none), (all_net, all_none)] = start;
     println!(
-        "start: `bulkhead run --rm true` {with_net:.1} ms on the bridge, {without:.1} ms with \
-         --network none: networking adds {:.0} % (ratio {:.2})",
-        (with_net / without - 1.0) * 100.0,
-        with_net / without
+        "start: `bulkhead run --rm echo` to its output {start_net:.1} ms on the bridge, \
+         {start_none:.1} ms with --network none: networking adds {:.0} % (ratio {:.2})",
+        (start_net / start_none - 1.0) * 100.0,
+        start_net / start_none
+    );
+    println!(
+        "  to its exit, teardown included: {all_net:.1} ms on the bridge, {all_none:.1} ms \
+         with --network none (ratio {:.2})",
+        all_net / all_none
     );
     Ok(())
 }
 
-/// Median start with and without the network, interleaved.
-fn start_overhead(inputs: &Inputs, root: &Path, runs: usize) -> Result<(f64, f64)> {
+/// Median times with and without the network, interleaved: to the
+/// container's output (its start), and to the end of `run --rm` (the
+/// teardown too).
+fn start_overhead(inputs: &Inputs, root: &Path, runs: usize) -> Result<[(f64, f64); 2]> {
     let run = |network: &str| {
         let mut c = Command::new(&inputs.cli);
         c.env("BULKHEAD_ROOT", root)
             .args(["run", "--rm", "--network", network, "--rootfs"])
             .arg(&inputs.rootfs)
-            .args(["--", "true"]);
-        time_run(c).map(|(_, _, total)| total.as_secs_f64() * 1e3)
+            .args(["--", "echo", "up"]);
+        time_run(c).map(|(first, _, total)| [first, total].map(|t| t.as_secs_f64() * 1e3))
     };
     // Untimed first runs: the VM template, the bridge, the page cache.
     run("bulkhead")?;
     run("none")?;
-    let (mut with_net, mut without) = (Vec::new(), Vec::new());
+    let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
     for i in 0..runs {
-        with_net.push(run("bulkhead")?);
-        without.push(run("none")?);
+        let net = run("bulkhead")?;
+        let none = run("none")?;
         println!(
-            "  start {i:2}: bridge {:7.1} ms, none {:7.1} ms",
-            with_net[i], without[i]
+            "  start {i:2}: bridge {:7.1} ms ({:7.1} ms to exit), none {:7.1} ms ({:7.1} ms to exit)",
+            net[0], net[1], none[0], none[1]
         );
+        for k in 0..2 {
+            samples[k][0].push(net[k]);
+            samples[k][1].push(none[k]);
+        }
     }
-    Ok((median(&mut with_net), median(&mut without)))
+    Ok(samples.map(|[mut net, mut none]| (median(&mut net), median(&mut none))))
 }
 
 type Row = (&'static str, &'static str, f64, f64);
 
 fn compare(sides: &[&dyn Side; 2], runs: usize) -> Result<Vec<Row>> {
-    let mut samples = [
-        [Vec::new(), Vec::new(), Vec::new()],
-        [Vec::new(), Vec::new(), Vec::new()],
-    ];
+    let mut samples: [[Vec<f64>; 4]; 2] = Default::default();
     for i in 0..runs {
         for (k, side) in sides.iter().enumerate() {
             let into = stream_into(side.ip())?;
             let out_of = stream_out_of(*side)?;
-            let rate = request_rate(side.ip())?;
+            let rr = round_trip_rate(side.ip())?;
+            let http = request_rate(side.ip())?;
             println!(
-                "  sample {i:2} {:<8} host->ctr {into:7.1} MiB/s  ctr->host {out_of:7.1} MiB/s  {rate:7.1} req/s",
+                "  sample {i:2} {:<8} host->ctr {into:7.1} MiB/s  ctr->host {out_of:7.1} MiB/s  \
+                 {rr:7.1} round trips/s  {http:7.1} HTTP req/s",
                 side.name()
             );
-            samples[k][0].push(into);
-            samples[k][1].push(out_of);
-            samples[k][2].push(rate);
+            for (j, v) in [into, out_of, rr, http].into_iter().enumerate() {
+                samples[k][j].push(v);
+            }
         }
     }
     let [b, r] = &mut samples;
@@ -165,7 +208,18 @@ fn compare(sides: &[&dyn Side; 2], runs: usize) -> Result<Vec<Row>> {
             median(&mut b[1]),
             median(&mut r[1]),
         ),
-        ("requests", "req/s", median(&mut b[2]), median(&mut r[2])),
+        (
+            "round trips (TCP_RR)",
+            "/s",
+            median(&mut b[2]),
+            median(&mut r[2]),
+        ),
+        (
+            "HTTP requests (TCP_CRR)",
+            "/s",
+            median(&mut b[3]),
+            median(&mut r[3]),
+        ),
     ])
 }
 
@@ -192,21 +246,17 @@ fn stream_into(ip: IpAddr) -> Result<f64> {
 fn stream_out_of(side: &dyn Side) -> Result<f64> {
     let listener = TcpListener::bind((GATEWAY, SOURCE_PORT))
         .with_context(|| format!("listening on {GATEWAY}:{SOURCE_PORT}"))?;
-    let count = STREAM_BYTES >> 16;
-    // `-w 5`: busybox nc waits for the far end after its input ends; it has
-    // 5 s to see the host close once everything arrived.
-    let script = format!(
-        "dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc -w 5 {GATEWAY} {SOURCE_PORT}"
-    );
+    let script = format!("netprobe send {GATEWAY}:{SOURCE_PORT} {STREAM_BYTES}");
     std::thread::scope(|scope| {
         let sender = scope.spawn(|| side.exec(&script));
         let (mut conn, _) = listener.accept()?;
         let started = Instant::now();
         let mut buf = vec![0u8; 1 << 16];
         let mut got = 0u64;
-        // Until all of it arrived: the sender may not close by itself.
+        // To the end of the stream: the sender closes its side after the
+        // last byte, and waits for this side to close.
         conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-        while got < STREAM_BYTES {
+        loop {
             let n = conn.read(&mut buf)?;
             if n == 0 {
                 break;
@@ -224,6 +274,20 @@ fn stream_out_of(side: &dyn Side) -> Result<f64> {
         );
         Ok(mib_per_s(got, elapsed))
     })
+}
+
+/// One-byte requests and replies on one connection, one at a time.
+fn round_trip_rate(ip: IpAddr) -> Result<f64> {
+    let mut s = connect_retrying(SocketAddr::new(ip, ECHO_PORT))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut byte = [0u8; 1];
+    let started = Instant::now();
+    for _ in 0..ROUND_TRIPS {
+        s.write_all(b"x")?;
+        s.read_exact(&mut byte).context("the echo server's reply")?;
+    }
+    Ok(ROUND_TRIPS as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Sequential HTTP requests, each on a new connection, to busybox httpd.

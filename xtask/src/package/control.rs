@@ -47,7 +47,7 @@ const LIBRARY_PACKAGES: &[(&str, &str)] = &[
 const GLIBC: &str = "libc6 (>= 2.36)";
 
 /// What `bulkhead run`'s default network runs: the standard CNI plugins,
-/// whose bridge, portmap and firewall plugins call iptables, and nft for
+/// iptables for portmap and the networks' host rules, and nft for
 /// egress policies.
 const NETWORK_DEPENDS: &[&str] = &["containernetworking-plugins", "iptables", "nftables"];
 

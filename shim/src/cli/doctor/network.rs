@@ -9,7 +9,7 @@ use crate::cli::artifacts::on_path;
 use crate::sandbox::network::cni::Plugins;
 
 /// The plugins of the default network list.
-const PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall"];
+const PLUGINS: &[&str] = &["bridge", "host-local", "portmap"];
 
 /// The network check.
 pub(super) fn check_network() -> Check {
@@ -35,8 +35,9 @@ fn network_check(missing_plugins: &[&str], tun: bool, iptables: bool) -> Check {
         fixes.push("apt-get install containernetworking-plugins");
     }
     if !iptables {
-        problems
-            .push("no iptables on PATH (the bridge, portmap and firewall plugins call it)".into());
+        problems.push(
+            "no iptables on PATH (the portmap plugin and the networks' host rules use it)".into(),
+        );
         fixes.push("apt-get install iptables");
     }
     if !tun {
@@ -46,7 +47,7 @@ fn network_check(missing_plugins: &[&str], tun: bool, iptables: bool) -> Check {
     if problems.is_empty() {
         return Check::ok(
             "network",
-            "CNI plugins (bridge, host-local, portmap, firewall), iptables and /dev/net/tun",
+            "CNI plugins (bridge, host-local, portmap), iptables and /dev/net/tun",
         );
     }
     Check::fail(

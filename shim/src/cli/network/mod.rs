@@ -1,7 +1,8 @@
 //! `bulkhead run`'s networking, the way docker and nerdctl do it: each
 //! container gets a network namespace of its own on the host, the standard
-//! CNI plugins (bridge, host-local, portmap, firewall) put an interface in
-//! it, and the sandbox core joins the VM's tap to that interface.
+//! CNI plugins (bridge, host-local, portmap) put an interface in it, and the
+//! sandbox core joins the VM's tap to that interface. Masquerading and
+//! forwarding are rules each network makes once on the host ([`host_rules`]).
 //!
 //! What was set up is written down (`network.json` in the container's
 //! directory) before anything is made, so that the monitor's end, `rm` and a
@@ -19,6 +20,10 @@ use crate::config::Config;
 use crate::sandbox::network::cni::{self, Attachment, Plugins, PortMapping};
 use crate::sandbox::network::egress::EgressPolicy;
 use crate::sandbox::network::{self as core, netns, NetworkAttachment};
+
+pub mod host_rules;
+
+use host_rules::NetworkRules;
 
 /// The network a container is on when `--network` is not given.
 pub const DEFAULT_NETWORK: &str = "bulkhead";
@@ -185,15 +190,26 @@ fn networks_dir(config: &Config) -> PathBuf {
     super::state_root(config).join("networks")
 }
 
-/// The network list of `name`; the default network's is made on first use.
+/// Held while the host firewall rules of any network are checked or changed.
+fn rules_lock(config: &Config) -> PathBuf {
+    networks_dir(config).join(".host-rules.lock")
+}
+
+/// The network list of `name`. The default network's is the one this
+/// version makes, written on first use and rewritten when an older version
+/// left another (the records of running containers keep the list they were
+/// connected with, so their teardown is unchanged).
 pub fn conflist(config: &Config, name: &str) -> Result<serde_json::Value> {
     let path = networks_dir(config).join(format!("{name}.conflist"));
-    if name == DEFAULT_NETWORK && !path.exists() {
+    if name == DEFAULT_NETWORK {
         let list = bridge_conflist(config, name, DEFAULT_BRIDGE, DEFAULT_SUBNET);
-        std::fs::create_dir_all(networks_dir(config))
-            .with_context(|| format!("creating {}", networks_dir(config).display()))?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&list)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_vec_pretty(&list)?;
+        if std::fs::read(&path).ok().as_deref() != Some(&text[..]) {
+            std::fs::create_dir_all(networks_dir(config))
+                .with_context(|| format!("creating {}", networks_dir(config).display()))?;
+            std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(list);
     }
     let text = std::fs::read(&path).map_err(|_| {
         anyhow::anyhow!(
@@ -204,10 +220,11 @@ pub fn conflist(config: &Config, name: &str) -> Result<serde_json::Value> {
         .with_context(|| format!("{} is not a CNI network list", path.display()))
 }
 
-/// A bridge network list: the bridge is the gateway and masquerades, leases
-/// are kept under the state root (so `system prune` can find them), ports
-/// are published with portmap, and the firewall plugin lets the traffic
-/// through a FORWARD policy of DROP (which docker sets).
+/// A bridge network list: the bridge is the gateway, leases are kept under
+/// the state root (so `system prune` can find them) and ports are published
+/// with portmap. Masquerading and forwarding are the network's host rules
+/// ([`host_rules`]), made once for all its containers, not CNI's `ipMasq`
+/// and `firewall` plugin, which change iptables at every start and stop.
 pub fn bridge_conflist(
     config: &Config,
     name: &str,
@@ -222,7 +239,7 @@ pub fn bridge_conflist(
                 "type": "bridge",
                 "bridge": bridge,
                 "isGateway": true,
-                "ipMasq": true,
+                "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
@@ -231,10 +248,21 @@ pub fn bridge_conflist(
                     "dataDir": super::state_root(config).join("cni").join("ipam"),
                 }
             },
-            {"type": "portmap", "capabilities": {"portMappings": true}},
-            {"type": "firewall", "backend": "iptables"}
+            {"type": "portmap", "capabilities": {"portMappings": true}}
         ]
     })
+}
+
+/// The host rules a network list needs, if it is a bridge network.
+fn host_rules_of(name: &str, list: &serde_json::Value) -> Option<NetworkRules> {
+    let (bridge, subnet) = summary(list);
+    (list["plugins"][0]["type"] == "bridge" && !bridge.is_empty() && !subnet.is_empty()).then(
+        || NetworkRules {
+            network: name.to_owned(),
+            bridge,
+            subnet,
+        },
+    )
 }
 
 /// What `network ls` and `inspect` show of a network list.
@@ -412,6 +440,7 @@ pub async fn remove(config: &Config, names: &[String]) -> Result<()> {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             let (bridge, _) = summary(&list);
             delete_link(&bridge).await?;
+            host_rules::remove(name, &rules_lock(config))?;
             let leases = super::state_root(config)
                 .join("cni")
                 .join("ipam")
@@ -532,11 +561,19 @@ pub struct PendingCni {
     record: Attachment,
     record_path: PathBuf,
     name: String,
+    /// The network's host rules, to be made if missing, and their lock.
+    rules: Option<(NetworkRules, PathBuf)>,
 }
 
 impl PendingCni {
-    /// Runs the network list's ADD and records its result.
+    /// Makes sure the network's host rules are there, then runs the network
+    /// list's ADD and records its result.
     pub async fn connect(mut self) -> Result<Attachment> {
+        if let Some((rules, lock)) = self.rules.take() {
+            tokio::task::spawn_blocking(move || rules.ensure(&lock))
+                .await
+                .context("the host rules thread panicked")??;
+        }
         cni::add(&Plugins::system(), &mut self.record)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to network {}: {e}", self.name))?;
@@ -636,6 +673,7 @@ pub async fn prepare(
         Ok(attachment) => Ok(Some(Pending {
             attachment,
             cni: PendingCni {
+                rules: host_rules_of(name, &record.conflist).map(|r| (r, rules_lock(config))),
                 record,
                 record_path,
                 name: name.clone(),
