@@ -490,7 +490,8 @@ fn containers_on_a_user_network_find_each_other_by_name() -> Result<(), Failed> 
 }
 
 /// `--egress deny` blocks what the container opens, `allow=` admits exactly
-/// what it lists (and only that port), and a malformed policy is refused.
+/// what it lists (and only that port), a published port still answers under
+/// a policy, and a malformed policy is refused.
 fn egress_policy_is_enforced_on_the_host() -> Result<(), Failed> {
     let served = tempfile::tempdir()?;
     std::fs::write(served.path().join("hello.txt"), "hello from the host\n")?;
@@ -525,6 +526,35 @@ fn egress_policy_is_enforced_on_the_host() -> Result<(), Failed> {
         )
         .into());
     }
+    // A policy limits what the container opens, not what it serves.
+    let served = rootfs_serving("served under a policy")?;
+    let out = bulkhead(&[
+        "run",
+        "-d",
+        "--name",
+        "policed-server",
+        "--egress",
+        "deny",
+        "-p",
+        "127.0.0.1:18087:80",
+        "--rootfs",
+        served.path().to_str().ok_or("path")?,
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])?;
+    expect_ok(&out, "run -d --egress deny -p")?;
+    let fetched = fetch_local(18087);
+    let removed = bulkhead(&["rm", "-f", "policed-server"])?;
+    let body = fetched.map_err(|e| format!("a published port under --egress deny: {e:?}"))?;
+    if !body.contains("served under a policy") {
+        return Err(format!("unexpected answer under a policy: {body:?}").into());
+    }
+    expect_ok(&removed, "rm -f")?;
     let bad = bulkhead(&[
         "run",
         "--rm",

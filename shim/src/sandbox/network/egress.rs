@@ -7,12 +7,9 @@
 //! ports), so that its frames pass nftables' bridge `forward` hook: the
 //! guest may only send to the destinations the policy lists.
 //!
-//! Known gap: the rules accept `ct state established` so that replies to
-//! connections made *to* the container (a published port) pass, but on
-//! Debian 12's kernel the bridge's connection tracking has been seen not to
-//! track those connections, so under a policy a published port does not
-//! answer yet. Guest-opened connections to allowed destinations work either
-//! way (their packets match the allow rules).
+//! The rules accept `ct state established,related`, so replies to
+//! connections made *to* the container (a published port) pass: the
+//! bridge's connection tracking (`nf_conntrack_bridge`) saw them come in.
 //!
 //! Rules are loaded with `nft -f -`: nftables' netlink messages are the nft
 //! tool's private business (libnftables is its API), and every Rust crate

@@ -331,6 +331,17 @@ mod tests {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
         assert_ne!(own, g.mac.to_string());
+        // ... and its addresses: the namespace must not answer for the guest.
+        let addrs = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", pod.display()))
+            .args(["ip", "-o", "addr", "show", "dev", "eth0", "scope", "global"])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&addrs.stdout).trim().is_empty(),
+            "{}",
+            String::from_utf8_lossy(&addrs.stdout)
+        );
         drop(attached);
         netns::remove(&pod).unwrap();
         netns::remove(&peer).unwrap();

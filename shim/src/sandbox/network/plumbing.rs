@@ -101,13 +101,17 @@ pub async fn join(handle: &Handle, ifname: &str, tap: &str) -> Result<GuestNetwo
 /// interface, so that frames pass nftables' bridge hooks (an egress policy
 /// needs them; tc redirects skip netfilter). The interface gives its MAC to
 /// the guest and takes a new one: a bridge delivers frames for its ports'
-/// own addresses to itself, not across.
+/// own addresses to itself, not across. It gives up its addresses too:
+/// with the namespace still holding the guest's address, the namespace's
+/// own stack answered ARP for it (with the bridge's MAC), and the host then
+/// sent the connections to a published port there instead of to the guest.
 pub async fn join_bridged(
     handle: &Handle,
     ifname: &str,
     tap: &str,
 ) -> Result<GuestNetwork, NetworkError> {
     let (guest, index, tap_index) = identity_and_tap(handle, ifname, tap).await?;
+    release_addresses(handle, index, ifname).await?;
     let mut own = crate::random::bytes::<6>();
     own[0] = (own[0] & 0xfe) | 0x02;
     handle
@@ -223,6 +227,31 @@ async fn identity_and_tap(
         routes,
     };
     Ok((guest, index, tap_index))
+}
+
+/// Deletes the interface's global addresses (and with them the routes
+/// through them): the guest has taken them.
+async fn release_addresses(handle: &Handle, index: u32, ifname: &str) -> Result<(), NetworkError> {
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink("reading the interface's addresses"))?;
+    for m in messages
+        .into_iter()
+        .filter(|m| m.header.scope == AddressScope::Universe)
+    {
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(netlink(format!("removing {ifname}'s addresses")))?;
+    }
+    Ok(())
 }
 
 /// The interface's global addresses (link-local ones the guest makes itself).
