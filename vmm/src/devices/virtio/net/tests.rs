@@ -126,6 +126,11 @@ fn frames_flow_both_ways() {
     assert_eq!(dev.rx.read(0x10_0000, incoming.len()), expected);
     assert!(wait_until(|| dev.irqfd.read().is_ok()));
     assert_ne!(dev.irq.status() & 1, 0);
+    // With buffers to spare, refilling them needs no notification.
+    assert_eq!(
+        dev.rx.used_flags() & VRING_USED_F_NO_NOTIFY,
+        VRING_USED_F_NO_NOTIFY
+    );
 
     let outgoing = frame(NET_HDR_LEN + 1000, 2);
     dev.tx.write(0x20_0000, &outgoing[..NET_HDR_LEN]);
@@ -157,6 +162,8 @@ fn a_frame_waits_for_rx_buffers_without_spinning() {
     );
     assert_eq!(reads.load(Ordering::SeqCst), 1);
     assert_eq!(dev.rx.used_idx(), 0);
+    // Waiting for buffers, the device wants to hear of them.
+    assert_eq!(dev.rx.used_flags() & VRING_USED_F_NO_NOTIFY, 0);
 
     // Buffers arrive: both frames are delivered, the first over two buffers.
     for i in 0..3u64 {
@@ -169,7 +176,13 @@ fn a_frame_waits_for_rx_buffers_without_spinning() {
     assert_eq!(dev.rx.used(2), (2, second.len() as u32));
     assert_eq!(dev.rx.read(0x10_1000, first.len() - 2048), first[2048..]);
     assert_eq!(dev.rx.read(0x10_2000 + 12, 60), second[12..]);
+    assert!(wait_until(
+        || dev.rx.used_flags() & VRING_USED_F_NO_NOTIFY != 0
+    ));
 }
+
+/// `VRING_USED_F_NO_NOTIFY`: the driver need not notify for new buffers.
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 #[test]
 fn without_a_tap_tx_is_discarded_and_rx_stays_empty() {

@@ -8,6 +8,10 @@
 //! backend is watched for readability only while no received frame waits for
 //! RX buffers (the guest's RX notification wakes us instead), and for
 //! writability only while a TX frame waits for it.
+//!
+//! The guest's RX notifications are wanted only then too: the rest of the
+//! time they are turned off in the ring, so that refilling its buffers does
+//! not cost the guest an exit (and this thread a wake-up) each time.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -68,6 +72,9 @@ pub struct Worker {
     rx_buf: Vec<u8>,
     /// The length of a received frame in `rx_buf` waiting for RX buffers.
     rx_pending: Option<usize>,
+    /// Whether the RX ring asks the guest for notifications (it does at
+    /// first: the ring's flags start at zero).
+    rx_notifications: bool,
     tx: TxState,
     warn: WarnLimiter,
 }
@@ -107,6 +114,7 @@ impl Worker {
             backend_interest: EventSet::IN,
             rx_buf: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
+            rx_notifications: true,
             tx: TxState::new(),
             warn: WarnLimiter::new(Duration::from_secs(5)),
         })
@@ -211,6 +219,16 @@ impl Worker {
     /// read is never dropped for want of buffers: it waits in `rx_buf`, and
     /// nothing more is read until it is delivered.
     fn process_rx(&mut self) -> Result<(), virtio_queue::Error> {
+        let result = self.fill_rx();
+        if result.is_ok() && self.rx_pending.is_none() && self.rx_notifications {
+            self.s.rxq.disable_notification(&self.s.mem)?;
+            self.rx_notifications = false;
+        }
+        result
+    }
+
+    fn fill_rx(&mut self) -> Result<(), virtio_queue::Error> {
+        let mut retried = false;
         for _ in 0..BATCH {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -230,6 +248,14 @@ impl Worker {
             )?;
             if delivery == Delivery::NoBuffers {
                 self.rx_pending = Some(len);
+                // Hear of the guest's next buffers; any it added before
+                // seeing notifications on will not be kicked for.
+                // (Once: buffers already there that were too few stay so.)
+                self.rx_notifications = true;
+                if self.s.rxq.enable_notification(&self.s.mem)? && !retried {
+                    retried = true;
+                    continue;
+                }
                 return Ok(());
             }
             self.rx_pending = None;
