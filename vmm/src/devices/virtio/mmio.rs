@@ -13,6 +13,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::suppression::VIRTIO_RING_F_EVENT_IDX;
 use super::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Bytes of MMIO space per device.
@@ -441,6 +442,10 @@ impl MmioTransport {
                 return;
             }
         };
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &mut self.queues {
+            q.set_event_idx(event_idx);
+        }
         self.activated_queues = self.queues.iter().map(Queue::state).collect();
         let ctx = ActivateContext {
             mem: self.mem.clone(),

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod suppression;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

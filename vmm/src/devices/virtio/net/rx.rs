@@ -156,8 +156,8 @@ pub fn deliver_frame(
 /// (`Queue::add_used` moves the index once per entry.)
 ///
 /// This bypasses the count `Queue::needs_notification` keeps for
-/// VIRTIO_RING_F_EVENT_IDX; that feature is not offered, and the worker
-/// interrupts for RX regardless when a queue has it anyway.
+/// VIRTIO_RING_F_EVENT_IDX, so the worker decides on interrupts with
+/// [`crate::devices::virtio::suppression`] instead.
 fn publish_used(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,

@@ -114,6 +114,24 @@ impl<'m> TestQueue<'m> {
         self.mem.read_obj(GuestAddress(self.used)).unwrap()
     }
 
+    /// The available ring's flags (VRING_AVAIL_F_NO_INTERRUPT is bit 0).
+    pub fn set_avail_flags(&self, flags: u16) {
+        self.mem.write_obj(flags, GuestAddress(self.avail)).unwrap();
+    }
+
+    /// With EVENT_IDX: interrupt once the used index passes `idx`.
+    pub fn set_used_event(&self, idx: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem.write_obj(idx, GuestAddress(at)).unwrap();
+    }
+
+    /// With EVENT_IDX: the available index after which the device wants a
+    /// notification.
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
     /// Writes guest memory.
     pub fn write(&self, addr: u64, data: &[u8]) {
         self.mem.write_slice(data, GuestAddress(addr)).unwrap();

@@ -16,6 +16,7 @@ use super::features::{self, OFFERED, VIRTIO_NET_F_MRG_RXBUF};
 use super::testing::{guest_memory, seqpacket_pair, wait_until, SeqpacketBackend, TestQueue};
 use super::{MacAddr, Net, NET_HDR_LEN};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::suppression::VIRTIO_RING_F_EVENT_IDX;
 use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice};
 
 const RX_BASE: u64 = 0;
@@ -183,6 +184,113 @@ fn a_frame_waits_for_rx_buffers_without_spinning() {
 
 /// `VRING_USED_F_NO_NOTIFY`: the driver need not notify for new buffers.
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+/// A driver polling its rings (NAPI) with callbacks off gets no interrupt
+/// for what it will find anyway; once it turns them on, it does.
+#[test]
+fn no_interrupt_while_the_driver_polls() {
+    let mem = guest_memory();
+    let (backend, mut peer) = seqpacket_pair();
+    let dev = activate(
+        &mem,
+        Some(backend),
+        OFFERED & !(1 << VIRTIO_RING_F_EVENT_IDX),
+    );
+    let mut rx = dev.rx;
+    rx.set_avail_flags(1); // VRING_AVAIL_F_NO_INTERRUPT
+    for i in 0..2u64 {
+        rx.add(&[(0x10_0000 + i * 0x1000, 2048, true)]);
+    }
+    dev.kick[0].write(1).unwrap();
+    peer.write_all(&frame(NET_HDR_LEN + 100, 8)).unwrap();
+    assert!(wait_until(|| rx.used_idx() == 1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(dev.irqfd.read().is_err(), "interrupted a polling driver");
+
+    rx.set_avail_flags(0);
+    peer.write_all(&frame(NET_HDR_LEN + 100, 9)).unwrap();
+    assert!(wait_until(|| rx.used_idx() == 2));
+    assert!(wait_until(|| dev.irqfd.read().is_ok()));
+}
+
+/// With EVENT_IDX, a frame that needs more buffers than the guest posted
+/// asks to hear of the next buffer posted, not of the first one it put
+/// back: the guest passed that index already and would never kick for it.
+#[test]
+fn event_idx_a_frame_short_of_buffers_asks_for_the_next_one() {
+    let mem = guest_memory();
+    let (backend, mut peer) = seqpacket_pair();
+    let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let net = Net::new(mac(), Some(Box::new(backend)));
+    let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
+    let mut rx = TestQueue::new(&mem, RX_BASE, QUEUE_SIZE);
+    let tx = TestQueue::new(&mem, TX_BASE, QUEUE_SIZE);
+    handshake(&mut t, [&rx, &tx], OFFERED);
+    assert!(features::has(OFFERED, VIRTIO_NET_F_MRG_RXBUF));
+
+    rx.add(&[(0x10_0000, 2048, true)]);
+    reg(&mut t, 0x50, 0);
+    let big = frame(NET_HDR_LEN + 3000, 13);
+    peer.write_all(&big).unwrap();
+    // Buffer 0 is too small alone; the device waits for buffer 1.
+    assert!(wait_until(|| rx.avail_event() == 1));
+    assert_eq!(rx.used_idx(), 0);
+    rx.add(&[(0x10_1000, 2048, true)]);
+    reg(&mut t, 0x50, 0);
+    assert!(wait_until(|| rx.used_idx() == 2));
+    assert_eq!(rx.read(0x10_1000, big.len() - 2048), big[2048..]);
+}
+
+/// With EVENT_IDX (negotiated through the transport), TX completions
+/// interrupt only once the used index passes the driver's `used_event`, and
+/// a device waiting for RX buffers asks for the next one through
+/// `avail_event`.
+#[test]
+fn event_idx_spaces_out_interrupts() {
+    let mem = guest_memory();
+    let (backend, mut peer) = seqpacket_pair();
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(Interrupt::new(irqfd.try_clone().unwrap()));
+    let net = Net::new(mac(), Some(Box::new(backend)));
+    let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
+    let mut rx = TestQueue::new(&mem, RX_BASE, QUEUE_SIZE);
+    let mut tx = TestQueue::new(&mem, TX_BASE, QUEUE_SIZE);
+    handshake(&mut t, [&rx, &tx], OFFERED);
+    assert!(features::has(OFFERED, VIRTIO_RING_F_EVENT_IDX));
+
+    // Tell me after the third frame is sent (used index 3, so passing 2).
+    tx.set_used_event(2);
+    let outgoing = frame(NET_HDR_LEN + 64, 10);
+    for i in 0..2u64 {
+        tx.write(0x20_0000 + i * 0x1000, &outgoing);
+        tx.add(&[(0x20_0000 + i * 0x1000, outgoing.len() as u32, false)]);
+        reg(&mut t, 0x50, 1);
+        assert_eq!(recv(&mut peer).unwrap(), outgoing);
+        assert!(wait_until(|| tx.used_idx() == i as u16 + 1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(irqfd.read().is_err(), "interrupted before used_event");
+    tx.write(0x20_2000, &outgoing);
+    tx.add(&[(0x20_2000, outgoing.len() as u32, false)]);
+    reg(&mut t, 0x50, 1);
+    assert!(wait_until(|| tx.used_idx() == 3));
+    assert!(wait_until(|| irqfd.read().is_ok()));
+
+    // One RX buffer, used by the first frame; the second finds none, and
+    // the device asks to hear of the buffer after it (avail index 1).
+    rx.add(&[(0x10_0000, 2048, true)]);
+    reg(&mut t, 0x50, 0);
+    peer.write_all(&frame(NET_HDR_LEN + 100, 11)).unwrap();
+    assert!(wait_until(|| rx.used_idx() == 1));
+    assert!(wait_until(|| irqfd.read().is_ok()));
+    peer.write_all(&frame(NET_HDR_LEN + 100, 12)).unwrap();
+    assert!(wait_until(|| rx.avail_event() == 1));
+    rx.set_used_event(1);
+    rx.add(&[(0x10_1000, 2048, true)]);
+    reg(&mut t, 0x50, 0);
+    assert!(wait_until(|| rx.used_idx() == 2));
+    assert!(wait_until(|| irqfd.read().is_ok()));
+}
 
 #[test]
 fn without_a_tap_tx_is_discarded_and_rx_stays_empty() {

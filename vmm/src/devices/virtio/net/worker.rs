@@ -10,11 +10,15 @@
 //! writability only while a TX frame waits for it.
 //!
 //! The guest's RX notifications are wanted only then too: the rest of the
-//! time they are turned off in the ring, so that refilling its buffers does
-//! not cost the guest an exit (and this thread a wake-up) each time.
+//! time they are turned off in the ring (with EVENT_IDX, not asked for
+//! again), so that refilling its buffers does not cost the guest an exit
+//! (and this thread a wake-up) each time. Interrupts go only where the
+//! driver asked for them (see [`crate::devices::virtio::suppression`]): its
+//! NAPI poll finds what arrives while it runs without one.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +32,7 @@ use super::ratelimit::WarnLimiter;
 use super::rx::{deliver_frame, fix_header, Delivery};
 use super::tx::{process_tx, TxProgress, TxState};
 use super::{MAX_FRAME_LEN, NET_HDR_LEN};
+use crate::devices::virtio::suppression::{driver_wants_interrupt, notify_on_next_buffer};
 use crate::devices::virtio::Interrupt;
 
 const TOKEN_RXQ: u64 = 0;
@@ -202,11 +207,8 @@ impl Worker {
             self.process_rx()?;
         }
         let mem = &self.s.mem;
-        // RX publishes merged frames itself, unseen by EVENT_IDX's count
-        // (see rx.rs); with EVENT_IDX (never offered) always interrupt.
-        let rx_notify = self.s.rxq.next_used() != rx_used
-            && (self.s.rxq.needs_notification(mem)? || self.s.rxq.event_idx_enabled());
-        let tx_notify = self.s.txq.next_used() != tx_used && self.s.txq.needs_notification(mem)?;
+        let rx_notify = driver_wants_interrupt(mem, &self.s.rxq, rx_used)?;
+        let tx_notify = driver_wants_interrupt(mem, &self.s.txq, tx_used)?;
         if rx_notify || tx_notify {
             if let Err(e) = self.s.interrupt.signal_used_queue() {
                 tracing::warn!("virtio-net: cannot interrupt the guest: {e}");
@@ -228,7 +230,6 @@ impl Worker {
     }
 
     fn fill_rx(&mut self) -> Result<(), virtio_queue::Error> {
-        let mut retried = false;
         for _ in 0..BATCH {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -248,12 +249,11 @@ impl Worker {
             )?;
             if delivery == Delivery::NoBuffers {
                 self.rx_pending = Some(len);
-                // Hear of the guest's next buffers; any it added before
-                // seeing notifications on will not be kicked for.
-                // (Once: buffers already there that were too few stay so.)
+                // Hear of the guest's next buffer; any it added before
+                // seeing the request will not be kicked for, so look again.
                 self.rx_notifications = true;
-                if self.s.rxq.enable_notification(&self.s.mem)? && !retried {
-                    retried = true;
+                let seen = notify_on_next_buffer(&self.s.mem, &self.s.rxq)?;
+                if self.s.rxq.avail_idx(&self.s.mem, Ordering::Acquire)?.0 != seen {
                     continue;
                 }
                 return Ok(());

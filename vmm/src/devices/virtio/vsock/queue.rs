@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::muxer::Muxer;
 use super::packet::{Header, Op, PacketError, HDR_LEN, MAX_PAYLOAD};
+use crate::devices::virtio::suppression::driver_wants_interrupt;
 
 /// Scratch space one packet's payload is copied through.
 pub const SCRATCH_LEN: usize = MAX_PAYLOAD as usize;
@@ -84,7 +85,7 @@ pub fn process_tx(
     guest_cid: u64,
     scratch: &mut [u8],
 ) -> Result<bool, virtio_queue::Error> {
-    let mut used_any = false;
+    let old_used = queue.next_used();
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         match chain.reader(mem) {
@@ -103,9 +104,8 @@ pub fn process_tx(
             Err(e) => tracing::debug!("vsock: unreadable TX chain dropped: {e}"),
         }
         queue.add_used(mem, head, 0)?;
-        used_any = true;
     }
-    Ok(used_any && queue.needs_notification(mem)?)
+    driver_wants_interrupt(mem, queue, old_used)
 }
 
 /// Fills the guest's RX buffers with the muxer's packets, as long as both
@@ -116,7 +116,7 @@ pub fn process_rx(
     muxer: &mut Muxer,
     scratch: &mut [u8],
 ) -> Result<bool, virtio_queue::Error> {
-    let mut used_any = false;
+    let old_used = queue.next_used();
     while muxer.has_pending_rx() {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             break;
@@ -127,7 +127,6 @@ pub fn process_rx(
             Err(e) => {
                 tracing::debug!("vsock: unwritable RX chain returned empty: {e}");
                 queue.add_used(mem, head, 0)?;
-                used_any = true;
                 continue;
             }
         };
@@ -135,7 +134,6 @@ pub fn process_rx(
         if room <= HDR_LEN {
             // Too small for any packet with data; Linux never posts these.
             queue.add_used(mem, head, 0)?;
-            used_any = true;
             continue;
         }
         let max = (room - HDR_LEN).min(scratch.len());
@@ -150,7 +148,6 @@ pub fn process_rx(
             .map(|()| (HDR_LEN + len) as u32)
             .unwrap_or(0);
         queue.add_used(mem, head, written)?;
-        used_any = true;
     }
-    Ok(used_any && queue.needs_notification(mem)?)
+    driver_wants_interrupt(mem, queue, old_used)
 }
