@@ -14,6 +14,7 @@ use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,9 +23,10 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxResources, Process as OciProcess, RootBuilder, Spec};
+use oci_spec::runtime::{LinuxResources, LinuxSeccomp, Process as OciProcess, RootBuilder, Spec};
 
 use crate::cgroup::{Cgroup, CgroupStats, CGROUP_ROOT};
+use crate::exec_seccomp::SeccompExecutor;
 use crate::exit::ExitStatus;
 use crate::oom;
 use crate::process::Process;
@@ -163,6 +165,10 @@ pub struct Container {
     init: Arc<Process>,
     terminal: Mutex<Option<OwnedFd>>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Where console sockets are bound (see [`console_socket_path`]).
+    console_dir: PathBuf,
+    /// The container's seccomp profile, for exec'd processes too.
+    seccomp: Option<LinuxSeccomp>,
 }
 
 /// A process started by [`Container::exec`].
@@ -188,6 +194,7 @@ impl Container {
         } = opts;
         validate_name(&id, &id, "container id")?;
         let state_root = run_dir.join("containers");
+        let console_dir = run_dir.join("consoles");
         let bundle = run_dir.join("bundles").join(&id);
         if bundle.exists() || state_root.join(&id).exists() {
             return Err(invalid(&id, "a container with this id already exists"));
@@ -215,14 +222,16 @@ impl Container {
                     n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
                 })
             });
-        fs::create_dir_all(&state_root)
-            .map_err(|e| op("creating the state directory")(e.into()))?;
+        for dir in [&state_root, &console_dir] {
+            fs::create_dir_all(dir).map_err(|e| op("creating the state directory")(e.into()))?;
+        }
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         fs::create_dir_all(&bundle).map_err(|e| op("creating the bundle")(e.into()))?;
 
         let built = (|| {
             spec.save(bundle.join("config.json"))
                 .map_err(|e| op("writing config.json")(e.into()))?;
-            let (builder, console) = base_builder(&id, &state_root, &bundle, "init", stdio)?;
+            let (builder, console) = base_builder(&id, &state_root, &console_dir, "init", stdio)?;
             let _cwd = lock(&CWD_LOCK);
             let lc = builder
                 .as_init(&bundle)
@@ -264,6 +273,8 @@ impl Container {
             init: Arc::new(init),
             terminal: Mutex::new(master),
             execs: Mutex::new(HashMap::new()),
+            console_dir,
+            seccomp,
         })
     }
 
@@ -345,13 +356,28 @@ impl Container {
         let op = format!("exec {exec_id}");
         let terminal = matches!(stdio, Stdio::Terminal);
         process.set_terminal(Some(terminal));
+        let executor = match &self.seccomp {
+            Some(profile) => Some(
+                SeccompExecutor::prepare(&mut process, profile)
+                    .map_err(|e| invalid(&self.id, format!("{op}: {e}")))?,
+            ),
+            None => None,
+        };
         let process_file = self.bundle.join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).map_err(|e| self.op(&op, e.into()))?;
         fs::write(&process_file, json).map_err(|e| self.op(&op, e.into()))?;
 
         let result = (|| {
-            let (builder, console) =
-                base_builder(&self.id, &self.state_root, &self.bundle, exec_id, stdio)?;
+            let (mut builder, console) = base_builder(
+                &self.id,
+                &self.state_root,
+                &self.console_dir,
+                exec_id,
+                stdio,
+            )?;
+            if let Some(executor) = executor {
+                builder = builder.with_executor(executor);
+            }
             let _cwd = lock(&CWD_LOCK);
             let pid = builder
                 .as_tenant()
@@ -494,7 +520,7 @@ impl Container {
 fn base_builder(
     id: &str,
     state_root: &Path,
-    bundle: &Path,
+    console_dir: &Path,
     name: &str,
     stdio: Stdio,
 ) -> Result<(ContainerBuilder, Option<ConsoleSocket>), ContainerError> {
@@ -517,13 +543,21 @@ fn base_builder(
                 .with_stderr(stderr);
         }
         None => {
-            let socket = ConsoleSocket::bind(&bundle.join(format!("console-{name}.sock")))
-                .map_err(|e| op(e.into()))?;
+            let socket =
+                ConsoleSocket::bind(&console_socket_path(console_dir)).map_err(|e| op(e.into()))?;
             builder = builder.with_console_socket(Some(socket.path()));
             console = Some(socket);
         }
     }
     Ok((builder, console))
+}
+
+/// A fresh path for a console socket in `console_dir`. Not named after the
+/// container and the exec: Kubernetes' ids are 64 characters each, and a
+/// path with both passes the 108 bytes of `sun_path`.
+fn console_socket_path(console_dir: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    console_dir.join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Fills in what the agent decides in the spec; returns the cgroup path.

@@ -23,6 +23,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod exec_seccomp;
 pub mod exit;
 pub mod init;
 pub mod init_mode;

@@ -62,6 +62,8 @@ pub struct PodSpec {
     pub annotations: HashMap<String, String>,
     /// Host directory for container logs; empty for no logs.
     pub log_directory: String,
+    /// Kubernetes' `hostNetwork`: the pod shares the node's network namespace.
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -76,6 +78,7 @@ impl PodSpec {
             labels: HashMap::new(),
             annotations: HashMap::new(),
             log_directory: String::new(),
+            host_network: false,
         }
     }
 
@@ -92,7 +95,16 @@ impl PodSpec {
             log_directory: self.log_directory.clone(),
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
-            linux: Some(v1::LinuxPodSandboxConfig::default()),
+            linux: Some(v1::LinuxPodSandboxConfig {
+                security_context: self.host_network.then(|| v1::LinuxSandboxSecurityContext {
+                    namespace_options: Some(v1::NamespaceOption {
+                        network: v1::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -120,6 +132,9 @@ pub struct ContainerSpec {
     pub annotations: HashMap<String, String>,
     /// Log file relative to the pod's log directory; empty for no log.
     pub log_path: String,
+    /// A seccomp profile file on the host (kubelet's `Localhost` type);
+    /// `None` for the runtime's default (unconfined in containerd 1.6).
+    pub seccomp_localhost: Option<PathBuf>,
 }
 
 impl ContainerSpec {
@@ -158,7 +173,23 @@ impl ContainerSpec {
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
             log_path: self.log_path.clone(),
-            linux: Some(v1::LinuxContainerConfig::default()),
+            linux: Some(v1::LinuxContainerConfig {
+                security_context: self.seccomp_localhost.as_ref().map(|path| {
+                    let path = path.to_string_lossy().into_owned();
+                    // Both fields: containerd 1.6 reads the new one when it is
+                    // set, older ones only the deprecated path.
+                    #[allow(deprecated)]
+                    v1::LinuxContainerSecurityContext {
+                        seccomp: Some(v1::SecurityProfile {
+                            profile_type: v1::security_profile::ProfileType::Localhost as i32,
+                            localhost_ref: path.clone(),
+                        }),
+                        seccomp_profile_path: format!("localhost/{path}"),
+                        ..Default::default()
+                    }
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

@@ -35,7 +35,19 @@ fn main() -> ExitCode {
             common::trial("exec_kill_and_metrics_of_a_running_task", exec_kill_metrics),
             common::trial("sigkill_reports_137", sigkill_reports_137),
             common::trial("tty_gives_a_terminal", tty_gives_a_terminal),
+            common::trial(
+                "exec_with_a_tty_takes_kubernetes_length_ids",
+                tty_exec_with_long_ids,
+            ),
+            common::trial(
+                "exec_runs_under_the_containers_seccomp_profile",
+                exec_keeps_seccomp,
+            ),
             common::trial("cri_pod_of_two_containers", cri_pod),
+            common::trial(
+                "cri_host_network_pod_is_refused_by_name",
+                cri_host_network_refused,
+            ),
             common::trial(
                 "cri_pods_get_cni_addresses_and_reach_each_other_and_the_host",
                 cri_pods_network,
@@ -324,6 +336,159 @@ fn tty_gives_a_terminal() -> Result<(), Failed> {
     expect(&o, 0, "ctr run -t", &s.daemon().log_tail())?;
     if !o.stdout.contains("is-a-tty") {
         return Err(format!("no terminal: {:?}", o.stdout).into());
+    }
+    s.finish()
+}
+
+/// `ctr task exec -t` into a container, both named with 64 hex digits as
+/// Kubernetes names them: the console socket's path once passed the 108
+/// bytes a Unix socket address holds.
+fn tty_exec_with_long_ids() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let log = || s.daemon().log_tail();
+    let (id, exec_id) = ("c0ffee".repeat(10) + "0123", "e0e0".repeat(16));
+    let mut c = s.ctr(["run", "-d", "--runtime", RUNTIME]);
+    c.args([IMAGE, &id, "sleep", "1000"]);
+    expect(&run_cmd(&mut c)?, 0, "ctr run -d", &log())?;
+    wait_running(&s, &id)?;
+    let address = s.daemon().address().to_string_lossy().into_owned();
+    let inner = format!(
+        "ctr --address {address} task exec -t --exec-id {exec_id} {id} \
+         sh -c '[ -t 0 ] && [ -t 1 ] && echo is-a-tty'"
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &inner, "/dev/null"]).stdin(Stdio::null());
+    let o = run_cmd(&mut c)?;
+    expect(&o, 0, "ctr task exec -t", &log())?;
+    if !o.stdout.contains("is-a-tty") {
+        return Err(format!("no terminal: {:?} {:?}", o.stdout, o.stderr).into());
+    }
+    expect(
+        &run_cmd(&mut s.ctr(["task", "kill", "--signal", "SIGKILL", &id]))?,
+        0,
+        "ctr task kill",
+        &log(),
+    )?;
+    let deadline = Instant::now() + DEADLINE;
+    while !run_cmd(&mut s.ctr(["task", "ls"]))?
+        .stdout
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+    {
+        if Instant::now() > deadline {
+            return Err("the task did not stop after SIGKILL".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    expect(
+        &run_cmd(&mut s.ctr(["task", "delete", &id]))?,
+        0,
+        "ctr task delete",
+        &log(),
+    )?;
+    expect(
+        &run_cmd(&mut s.ctr(["container", "rm", &id]))?,
+        0,
+        "ctr container rm",
+        &log(),
+    )?;
+    s.finish()
+}
+
+/// A CRI container with a Localhost seccomp profile that forbids chmod:
+/// processes exec'd into it (ExecSync, as `kubectl exec`) are filtered as
+/// its first process is, though Kubernetes leaves no_new_privs off and
+/// CAP_SYS_ADMIN out, and they do not keep CAP_SYS_ADMIN.
+fn exec_keeps_seccomp() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let profile = s._work.path().join("no-chmod.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["chmod", "fchmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+        ]}"#,
+    )?;
+    let cri = s.daemon().cri()?;
+    let pod = PodSpec::new("seccomp", "default", "uid-seccomp", "bulkhead");
+    let pod_id = cri
+        .run_pod_sandbox(&pod)
+        .map_err(|e| format!("RunPodSandbox: {e}\n{}", s.daemon().log_tail()))?;
+    // The first process reports on itself, then waits.
+    let probe = "grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status; \
+                 touch /tmp/f; chmod 600 /tmp/f && echo chmod-allowed || echo chmod-denied";
+    let mut spec = ContainerSpec::new(
+        "filtered",
+        IMAGE,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "({probe}) > /tmp/init.tmp; mv /tmp/init.tmp /tmp/init.txt; exec sleep 100000"
+            ),
+        ],
+    );
+    spec.seccomp_localhost = Some(profile);
+    let id = cri
+        .create_container(&pod_id, &pod, &spec)
+        .map_err(|e| format!("CreateContainer: {e}\n{}", s.daemon().log_tail()))?;
+    cri.start_container(&id)
+        .map_err(|e| format!("StartContainer: {e}\n{}", s.daemon().log_tail()))?;
+    let first = exec_until_ok(&cri, &id, &["cat", "/tmp/init.txt"])?;
+    if !first.contains("chmod-denied") {
+        return Err(format!("the profile does not hold for the first process: {first}").into());
+    }
+    let out = cri.exec_sync(&id, &["sh", "-c", probe], Duration::from_secs(60))?;
+    let status = |key: &str| {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    if status("Seccomp:") != "2" || !out.stdout.contains("chmod-denied") {
+        return Err(format!("the exec'd process is not filtered: {out:?}").into());
+    }
+    if status("NoNewPrivs:") != "0" {
+        return Err(format!("the exec'd process should not have no_new_privs: {out:?}").into());
+    }
+    let cap_eff = u64::from_str_radix(&status("CapEff:"), 16)
+        .map_err(|e| format!("CapEff in {out:?}: {e}"))?;
+    const CAP_SYS_ADMIN: u32 = 21;
+    if cap_eff & (1 << CAP_SYS_ADMIN) != 0 || cap_eff == 0 {
+        return Err(format!("the exec'd process has CapEff {cap_eff:#x}: {out:?}").into());
+    }
+    cri.stop_pod_sandbox(&pod_id)?;
+    cri.remove_pod_sandbox(&pod_id)?;
+    s.finish()
+}
+
+/// A pod that shares the node's network namespace cannot run in a microVM:
+/// RunPodSandbox fails at once, naming `hostNetwork`, and leaves nothing.
+fn cri_host_network_refused() -> Result<(), Failed> {
+    let s = Setup::new()?;
+    let cri = s.daemon().cri()?;
+    let mut pod = PodSpec::new("hostnet", "default", "uid-hostnet", "bulkhead");
+    pod.host_network = true;
+    let started = Instant::now();
+    match cri.run_pod_sandbox(&pod) {
+        Ok(id) => {
+            let _ = cri.stop_pod_sandbox(&id);
+            let _ = cri.remove_pod_sandbox(&id);
+            return Err("a hostNetwork pod was started".into());
+        }
+        Err(e) if e.to_string().contains("hostNetwork") => {}
+        Err(e) => {
+            return Err(format!("RunPodSandbox failed without naming hostNetwork: {e}").into())
+        }
+    }
+    println!("refused after {:.1} s", started.elapsed().as_secs_f64());
+    let pods = cri.list_pod_sandboxes()?;
+    if !pods.is_empty() {
+        for p in &pods {
+            let _ = cri.remove_pod_sandbox(&p.id);
+        }
+        return Err(format!("the refused pod left records: {pods:?}").into());
     }
     s.finish()
 }

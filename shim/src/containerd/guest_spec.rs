@@ -60,6 +60,46 @@ impl Role {
     }
 }
 
+/// Why a pod sandbox asks for what a microVM cannot give it: to share one of
+/// the host's namespaces (Kubernetes' `hostNetwork`, `hostIPC`, `hostPID`),
+/// which CRI says by leaving that namespace out of the sandbox's spec. The
+/// pod has its own kernel, so it cannot; better refused at RunPodSandbox, by
+/// name, than a pod that starts and then cannot do what it was made for.
+pub fn refused_host_namespaces(spec: &Spec, role: &Role) -> Option<String> {
+    if *role != Role::PodSandbox {
+        return None;
+    }
+    let listed = |typ: LinuxNamespaceType| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == typ))
+    };
+    let shared: Vec<&str> = [
+        (LinuxNamespaceType::Network, "hostNetwork"),
+        (LinuxNamespaceType::Ipc, "hostIPC"),
+        (LinuxNamespaceType::Pid, "hostPID"),
+    ]
+    .into_iter()
+    .filter(|(typ, _)| !listed(*typ))
+    .map(|(_, field)| field)
+    .collect();
+    if shared.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the pod asks for {}: true, which the bulkhead runtime cannot honour (each pod runs in \
+         its own microVM with its own kernel, so it cannot share the host's namespaces); \
+         run this pod with another RuntimeClass, or drop {}",
+        shared.join(": true, "),
+        if shared.len() == 1 {
+            "that field"
+        } else {
+            "those fields"
+        }
+    ))
+}
+
 /// A host path to expose in the share for one mount of the spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostBind {
@@ -243,6 +283,38 @@ mod tests {
                 ]
             }
         }))
+    }
+
+    #[test]
+    fn a_pod_sharing_host_namespaces_is_refused_by_name() {
+        let pod = cri_spec("sandbox", "p1");
+        assert_eq!(refused_host_namespaces(&pod, &Role::PodSandbox), None);
+        let mut host_net = pod.clone();
+        let mut linux = host_net.linux().clone().unwrap();
+        linux.set_namespaces(Some(
+            linux
+                .namespaces()
+                .clone()
+                .unwrap()
+                .into_iter()
+                .filter(|n| {
+                    !matches!(
+                        n.typ(),
+                        LinuxNamespaceType::Network | LinuxNamespaceType::Ipc
+                    )
+                })
+                .collect(),
+        ));
+        host_net.set_linux(Some(linux));
+        let why = refused_host_namespaces(&host_net, &Role::PodSandbox).unwrap();
+        assert!(why.contains("hostNetwork: true, hostIPC: true"), "{why}");
+        assert!(!why.contains("hostPID"), "{why}");
+        // Only the sandbox is judged: its members inherit what it has.
+        let member = Role::PodMember {
+            sandbox_id: "p1".into(),
+        };
+        assert_eq!(refused_host_namespaces(&host_net, &member), None);
+        assert_eq!(refused_host_namespaces(&host_net, &Role::Standalone), None);
     }
 
     #[test]

@@ -541,6 +541,12 @@ impl Task for TaskService {
         let spec = Spec::load(bundle.join("config.json"))
             .map_err(|e| failed(format!("reading {}/config.json: {e}", bundle.display())))?;
         let role = Role::of(&spec, &id);
+        if let Some(why) = guest_spec::refused_host_namespaces(&spec, &role) {
+            return Err(status(
+                shim_ttrpc::Code::INVALID_ARGUMENT,
+                format!("pod {id}: {why}"),
+            ));
+        }
         let mut state = inner.state.lock().await;
         if state.containers.contains_key(&id) {
             return Err(status(
