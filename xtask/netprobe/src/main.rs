@@ -11,10 +11,19 @@
 //!   writes, then waits for the far end to close.
 //! - `netprobe echo PORT`: on each connection (a thread each), writes back
 //!   whatever it reads: a request/response peer (netperf's TCP_RR).
+//! - `netprobe work MIB`: writes and sums a fresh MIB-sized buffer four
+//!   times and prints the seconds it took: the same CPU and memory work on
+//!   both sides, to tell the data paths' cost from how fast the container's
+//!   own code runs there.
+//! - `netprobe local MIB`: moves MIB through a Unix socket pair between two
+//!   threads, in 4 KiB writes, and prints the seconds it took: system calls,
+//!   copies and wake-ups in the container's kernel, without a network.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+use std::time::Instant;
 
 /// The size of every read and write: what iperf3 uses for TCP.
 const CHUNK: usize = 128 << 10;
@@ -29,8 +38,13 @@ fn main() -> ExitCode {
             .map_err(bad_number)
             .and_then(|bytes| send(addr, bytes)),
         ["echo", port] => port.parse().map_err(bad_number).and_then(echo),
+        ["work", mib] => mib.parse().map_err(bad_number).map(work),
+        ["local", mib] => mib.parse().map_err(bad_number).and_then(local),
         _ => {
-            eprintln!("usage: netprobe sink PORT | send ADDR:PORT BYTES | echo PORT");
+            eprintln!(
+                "usage: netprobe sink PORT | send ADDR:PORT BYTES | echo PORT | work MIB | \
+                 local MIB"
+            );
             return ExitCode::from(2);
         }
     };
@@ -92,5 +106,59 @@ fn echo(port: u16) -> std::io::Result<()> {
             }
         });
     }
+    Ok(())
+}
+
+/// Rounds of writing and summing the buffer in [`work`].
+const WORK_ROUNDS: usize = 4;
+
+fn work(mib: usize) {
+    let started = Instant::now();
+    // Fresh pages, so their faults are part of the work, as a socket
+    // buffer's are.
+    let mut buf = vec![0u8; mib << 20];
+    let mut sum = 0u64;
+    for round in 0..WORK_ROUNDS {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i ^ round) as u8;
+        }
+        for word in buf.chunks_exact(8) {
+            let word = u64::from_le_bytes(word.try_into().expect("8-byte chunks"));
+            sum = sum.rotate_left(5) ^ word;
+        }
+    }
+    std::hint::black_box(sum);
+    println!("{:.6}", started.elapsed().as_secs_f64());
+}
+
+fn local(mib: usize) -> std::io::Result<()> {
+    let (mut tx, mut rx) = UnixStream::pair()?;
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0usize;
+        loop {
+            match rx.read(&mut buf) {
+                Ok(0) => return Ok(got),
+                Ok(n) => got += n,
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let page = [1u8; 4096];
+    for _ in 0..(mib << 20) / page.len() {
+        tx.write_all(&page)?;
+    }
+    drop(tx);
+    let got = reader
+        .join()
+        .map_err(|_| std::io::Error::other("the reader thread panicked"))??;
+    if got != mib << 20 {
+        return Err(std::io::Error::other(format!(
+            "read {got} of {} bytes",
+            mib << 20
+        )));
+    }
+    println!("{:.6}", started.elapsed().as_secs_f64());
     Ok(())
 }

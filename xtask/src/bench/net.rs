@@ -31,6 +31,10 @@ const STREAM_BYTES: u64 = 64 << 20;
 const REQUESTS: usize = 200;
 /// Round trips on one connection per sample.
 const ROUND_TRIPS: usize = 2000;
+/// The buffer `netprobe work` writes and sums, four rounds over it.
+const WORK_MIB: usize = 32;
+/// What `netprobe local` moves through a Unix socket pair.
+const LOCAL_MIB: usize = 64;
 /// The port the containers receive streams on.
 const SINK_PORT: u16 = 5001;
 /// The host port the containers send streams to.
@@ -98,7 +102,8 @@ fn build_netprobe() -> Result<PathBuf> {
 trait Side: Sync {
     fn name(&self) -> &'static str;
     fn ip(&self) -> IpAddr;
-    fn exec(&self, script: &str) -> Result<()>;
+    /// Runs `script` in the container; returns its standard output.
+    fn exec(&self, script: &str) -> Result<String>;
 }
 
 fn measure(inputs: &Inputs, root: &Path, runs: usize) -> Result<()> {
@@ -128,6 +133,12 @@ fn measure(inputs: &Inputs, root: &Path, runs: usize) -> Result<()> {
             b / r
         );
     }
+    println!(
+        "  the ref rows have no network in them: the same user-space work and the same \
+         Unix-socket traffic inside each container. They tell the data path's own cost (VM \
+         exits, interrupts, the tap, the host's half) from how fast the container's code \
+         runs here."
+    );
     let [(start_net, start_none), (all_net, all_none)] = start;
     println!(
         "start: `bulkhead run --rm echo` to its output {start_net:.1} ms on the bridge, \
@@ -177,19 +188,25 @@ fn start_overhead(inputs: &Inputs, root: &Path, runs: usize) -> Result<[(f64, f6
 type Row = (&'static str, &'static str, f64, f64);
 
 fn compare(sides: &[&dyn Side; 2], runs: usize) -> Result<Vec<Row>> {
-    let mut samples: [[Vec<f64>; 4]; 2] = Default::default();
+    let mut samples: [[Vec<f64>; 6]; 2] = Default::default();
     for i in 0..runs {
         for (k, side) in sides.iter().enumerate() {
             let into = stream_into(side.ip())?;
             let out_of = stream_out_of(*side)?;
             let rr = round_trip_rate(side.ip())?;
             let http = request_rate(side.ip())?;
+            let work = probe_rate(*side, "work", WORK_MIB * 4, WORK_MIB)?;
+            let local = probe_rate(*side, "local", LOCAL_MIB, LOCAL_MIB)?;
             println!(
                 "  sample {i:2} {:<8} host->ctr {into:7.1} MiB/s  ctr->host {out_of:7.1} MiB/s  \
-                 {rr:7.1} round trips/s  {http:7.1} HTTP req/s",
+                 {rr:7.1} round trips/s  {http:7.1} HTTP req/s  work {work:7.1} MiB/s  \
+                 local {local:7.1} MiB/s",
                 side.name()
             );
-            for (j, v) in [into, out_of, rr, http].into_iter().enumerate() {
+            for (j, v) in [into, out_of, rr, http, work, local]
+                .into_iter()
+                .enumerate()
+            {
                 samples[k][j].push(v);
             }
         }
@@ -220,7 +237,26 @@ fn compare(sides: &[&dyn Side; 2], runs: usize) -> Result<Vec<Row>> {
             median(&mut b[3]),
             median(&mut r[3]),
         ),
+        (WORK_ROW, "MiB/s", median(&mut b[4]), median(&mut r[4])),
+        (LOCAL_ROW, "MiB/s", median(&mut b[5]), median(&mut r[5])),
     ])
+}
+
+/// The reference rows, not networking: the container's own user code, and
+/// its own kernel.
+const WORK_ROW: &str = "ref: user code (work)";
+const LOCAL_ROW: &str = "ref: kernel (unix socket)";
+
+/// `netprobe COMMAND ARG` inside the container, timed by itself, as `mib`
+/// MiB handled per second.
+fn probe_rate(side: &dyn Side, command: &str, mib: usize, arg: usize) -> Result<f64> {
+    let out = side.exec(&format!("netprobe {command} {arg}"))?;
+    let secs: f64 = out
+        .trim()
+        .parse()
+        .with_context(|| format!("netprobe {command} printed {out:?}"))?;
+    ensure!(secs > 0.0, "netprobe {command} took {secs} s");
+    Ok(mib as f64 / secs)
 }
 
 /// Connects to the container's sink and sends [`STREAM_BYTES`], timed as
@@ -248,7 +284,7 @@ fn stream_out_of(side: &dyn Side) -> Result<f64> {
         .with_context(|| format!("listening on {GATEWAY}:{SOURCE_PORT}"))?;
     let script = format!("netprobe send {GATEWAY}:{SOURCE_PORT} {STREAM_BYTES}");
     std::thread::scope(|scope| {
-        let sender = scope.spawn(|| side.exec(&script));
+        let sender = scope.spawn(|| side.exec(&script).map(drop));
         let (mut conn, _) = listener.accept()?;
         let started = Instant::now();
         let mut buf = vec![0u8; 1 << 16];
@@ -389,14 +425,11 @@ impl Side for BulkheadSide {
     fn ip(&self) -> IpAddr {
         self.ip
     }
-    fn exec(&self, script: &str) -> Result<()> {
-        let status = Command::new(&self.cli)
-            .env("BULKHEAD_ROOT", &self.root)
-            .args(["exec", BULKHEAD_NAME, "sh", "-c", script])
-            .stdin(Stdio::null())
-            .status()?;
-        ensure!(status.success(), "bulkhead exec: {status}");
-        Ok(())
+    fn exec(&self, script: &str) -> Result<String> {
+        let mut c = Command::new(&self.cli);
+        c.env("BULKHEAD_ROOT", &self.root)
+            .args(["exec", BULKHEAD_NAME, "sh", "-c", script]);
+        exec_output(c, "bulkhead exec")
     }
 }
 
@@ -507,12 +540,20 @@ impl Side for RuncSide {
     fn ip(&self) -> IpAddr {
         self.ip
     }
-    fn exec(&self, script: &str) -> Result<()> {
-        let status = Command::new("runc")
-            .args(["exec", RUNC_ID, "sh", "-c", script])
-            .stdin(Stdio::null())
-            .status()?;
-        ensure!(status.success(), "runc exec: {status}");
-        Ok(())
+    fn exec(&self, script: &str) -> Result<String> {
+        let mut c = Command::new("runc");
+        c.args(["exec", RUNC_ID, "sh", "-c", script]);
+        exec_output(c, "runc exec")
     }
+}
+
+/// Runs an exec command `c` (standard error shown), its output as text.
+fn exec_output(mut c: Command, what: &str) -> Result<String> {
+    let out = c
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    ensure!(out.status.success(), "{what}: {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
