@@ -501,6 +501,35 @@ impl Container {
         Path::new("/").join(rel)
     }
 
+    /// Freezes every process of the container, like `runc pause`.
+    pub fn pause(&self) -> Result<(), ContainerError> {
+        self.load()?
+            .pause()
+            .map_err(|e| self.state_error("pausing", e))
+    }
+
+    /// Thaws a paused container, like `runc resume`.
+    pub fn resume(&self) -> Result<(), ContainerError> {
+        self.load()?
+            .resume()
+            .map_err(|e| self.state_error("resuming", e))
+    }
+
+    /// A libcontainer error of `op`: a wrong state (pausing what is not
+    /// running, resuming what is not paused) is the caller's mistake.
+    fn state_error(&self, op: &str, e: libcontainer::error::LibcontainerError) -> ContainerError {
+        match e {
+            libcontainer::error::LibcontainerError::IncorrectStatus(status) => invalid(
+                &self.id,
+                format!(
+                    "{op}: the container is {}",
+                    status.to_string().to_lowercase()
+                ),
+            ),
+            e => self.op(op, e.into()),
+        }
+    }
+
     fn load(&self) -> Result<LcContainer, ContainerError> {
         LcContainer::load(self.state_root.join(&self.id))
             .map_err(|e| self.op("loading state", e.into()))

@@ -443,6 +443,26 @@ impl AgentService {
         Ok(UpdateContainerResponse::new())
     }
 
+    async fn do_pause(
+        &self,
+        req: PauseContainerRequest,
+    ) -> Result<PauseContainerResponse, RpcError> {
+        let id = req.container_id;
+        let container = Arc::clone(&self.entry(&id)?.container);
+        blocking(&id, move || container.pause()).await??;
+        Ok(PauseContainerResponse::new())
+    }
+
+    async fn do_resume(
+        &self,
+        req: ResumeContainerRequest,
+    ) -> Result<ResumeContainerResponse, RpcError> {
+        let id = req.container_id;
+        let container = Arc::clone(&self.entry(&id)?.container);
+        blocking(&id, move || container.resume()).await??;
+        Ok(ResumeContainerResponse::new())
+    }
+
     async fn do_list(&self, req: ListProcessesRequest) -> Result<ListProcessesResponse, RpcError> {
         let id = req.container_id;
         let container = Arc::clone(&self.entry(&id)?.container);
@@ -663,6 +683,24 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<StatsContainerResponse> {
         let checked = req.validate();
         self.call("StatsContainer", checked, self.do_stats(req))
+            .await
+    }
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<PauseContainerResponse> {
+        let checked = req.validate();
+        self.call("PauseContainer", checked, self.do_pause(req))
+            .await
+    }
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<ResumeContainerResponse> {
+        let checked = req.validate();
+        self.call("ResumeContainer", checked, self.do_resume(req))
             .await
     }
     async fn update_container(

@@ -37,6 +37,8 @@ always_valid!(
     ResizeTtyResponse,
     CloseStdinResponse,
     RemoveContainerResponse,
+    PauseContainerResponse,
+    ResumeContainerResponse,
     UpdateContainerResponse,
     GetOomEventRequest,
     CheckRequest,
@@ -69,6 +71,8 @@ macro_rules! container_only {
 container_only!(
     StartContainerRequest,
     RemoveContainerRequest,
+    PauseContainerRequest,
+    ResumeContainerRequest,
     StatsContainerRequest,
     ListProcessesRequest,
     GetOomEventResponse,

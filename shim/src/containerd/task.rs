@@ -14,14 +14,16 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bulkhead_protocol::agent::{
     CloseStdinRequest, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOomEventRequest,
-    ListProcessesRequest, RemoveContainerRequest, ResizeTtyRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerRequest, UpdateContainerRequest, WaitProcessRequest,
+    ListProcessesRequest, PauseContainerRequest, RemoveContainerRequest, ResizeTtyRequest,
+    ResumeContainerRequest, SignalProcessRequest, StartContainerRequest, StatsContainerRequest,
+    UpdateContainerRequest, WaitProcessRequest,
 };
 use containerd_shim::api;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::shim_async::Task;
@@ -1057,6 +1059,18 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, true).await
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, false).await
+    }
+
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
@@ -1085,6 +1099,55 @@ impl Task for TaskService {
 }
 
 impl TaskService {
+    /// Pauses (`frozen`) or resumes container `id`: its cgroup in the guest
+    /// is frozen, as runc does on the host; the VM and the container's
+    /// neighbours in a pod run on. Its live processes report PAUSED meanwhile.
+    async fn freeze(&self, id: &str, frozen: bool) -> TtrpcResult<api::Empty> {
+        let (what, from, to) = if frozen {
+            ("pause", api::Status::RUNNING, api::Status::PAUSED)
+        } else {
+            ("resume", api::Status::PAUSED, api::Status::RUNNING)
+        };
+        // Held throughout, so a state or exec between the agent's answer and
+        // the new status sees one or the other, never a mix.
+        let mut state = self.inner.state.lock().await;
+        let conn = state.conn()?;
+        let container = state.container_mut(id)?;
+        if container.init.exited().is_some() || container.init.status != from {
+            return Err(failed(format!(
+                "cannot {what} container {id}: it is {}",
+                format!("{:?}", container.init.status).to_lowercase()
+            )));
+        }
+        let agent = conn.agent();
+        if frozen {
+            let mut r = PauseContainerRequest::new();
+            r.container_id = id.to_owned();
+            agent.pause_container(ctx(), &r).await.map(drop)
+        } else {
+            let mut r = ResumeContainerRequest::new();
+            r.container_id = id.to_owned();
+            agent.resume_container(ctx(), &r).await.map(drop)
+        }
+        .map_err(|e| agent_err(what, id, e))?;
+        for p in std::iter::once(&mut container.init).chain(container.execs.values_mut()) {
+            if p.status == from && p.exited().is_none() {
+                p.status = to;
+            }
+        }
+        drop(state);
+        if frozen {
+            let mut ev = TaskPaused::new();
+            ev.container_id = id.to_owned();
+            self.inner.publish(ev).await;
+        } else {
+            let mut ev = TaskResumed::new();
+            ev.container_id = id.to_owned();
+            self.inner.publish(ev).await;
+        }
+        Ok(api::Empty::new())
+    }
+
     async fn conn_for(&self, id: &str) -> TtrpcResult<AgentConnection> {
         let state = self.inner.state.lock().await;
         state.container(id)?;
