@@ -50,6 +50,10 @@ fn main() -> ExitCode {
                 "sigterm_while_booting_cleans_up",
                 sigterm_while_booting_cleans_up,
             ),
+            common::trial(
+                "killed_cli_takes_its_sandbox_along",
+                killed_cli_takes_its_sandbox_along,
+            ),
             common::trial("user_is_honoured", user_is_honoured),
             common::trial(
                 "network_none_has_only_loopback_up",
@@ -455,6 +459,56 @@ fn killed_vmm_ends_the_run_cleanly() -> Result<(), Failed> {
     // The error names the cause (the VM stopped, killed), not just a closed socket.
     if !r.stderr.contains("bulkhead:") || !r.stderr.contains("the microVM stopped") {
         return Err(format!("the error does not say the microVM stopped: {}", r.stderr).into());
+    }
+    nothing_left()
+}
+
+/// `kill -9` of a foreground `bulkhead run`: its VMM and virtiofsd die with
+/// it instead of running on unseen, `ps -a` does not call it running, and
+/// `rm` removes what is left.
+fn killed_cli_takes_its_sandbox_along() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let name = "killed-cli";
+    let (mut child, _) = spawn_until_first_line(
+        &rootfs,
+        &["--name", name],
+        &["sh", "-c", "echo started; exec sleep 120"],
+    )?;
+    if processes_named("bulkhead-vmm").is_empty() {
+        return Err("no bulkhead-vmm while the container runs".into());
+    }
+    child.kill()?;
+    child.wait()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (vmm, virtiofsd) = (
+            processes_named("bulkhead-vmm"),
+            processes_named("virtiofsd"),
+        );
+        if vmm.is_empty() && virtiofsd.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "30 s after kill -9 of bulkhead run, its sandbox still runs: bulkhead-vmm \
+                 {vmm:?}, virtiofsd {virtiofsd:?}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ps = Command::new(cli()).args(["ps", "-a"]).output()?;
+    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let line = ps
+        .lines()
+        .find(|l| l.contains(name))
+        .ok_or_else(|| format!("ps -a does not list {name}:\n{ps}"))?;
+    if !line.contains("Exited") {
+        return Err(format!("ps -a shows the killed run as: {line}").into());
+    }
+    let rm = Command::new(cli()).args(["rm", name]).output()?;
+    if !rm.status.success() {
+        return Err(format!("bulkhead rm: {}", String::from_utf8_lossy(&rm.stderr)).into());
     }
     nothing_left()
 }

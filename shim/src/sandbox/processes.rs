@@ -1,5 +1,8 @@
 //! The sandbox's host processes: virtiofsd and bulkhead-vmm, each started with
-//! its output in the sandbox directory, killed and reaped when dropped.
+//! its output in the sandbox directory, killed and reaped when dropped, and
+//! killed by the kernel when their owner dies without dropping them (`kill
+//! -9` of the CLI's monitor or of the shim): a sandbox never outlives the
+//! process that reports on it.
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -45,6 +48,7 @@ impl HostProcess {
             .stdout(file)
             .stderr(err_file)
             .kill_on_drop(true);
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|source| SandboxError::Spawn { name, source })?;
@@ -105,6 +109,31 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Has the kernel SIGKILL the child of `cmd` when the thread that spawns it
+/// ends, which for the runtime's worker threads (where sandboxes are started;
+/// never from `spawn_blocking` or `block_in_place`, whose threads come and
+/// go) is when this process dies. A parent that died between fork and the
+/// prctl is caught by comparing the parent pid, and the spawn fails.
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // prctl(2) and getppid(2), both async-signal-safe; it touches no memory
+    // of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "the sandbox's owner died while starting it",
+                ));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Makes the child of `cmd` find our descriptor `fd` as its descriptor
