@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             ),
             common::trial("user_is_honoured", user_is_honoured),
             common::trial(
+                "dockers_default_capabilities_and_cap_flags",
+                dockers_default_capabilities_and_cap_flags,
+            ),
+            common::trial(
                 "network_none_has_only_loopback_up",
                 network_none_has_only_loopback_up,
             ),
@@ -556,6 +560,54 @@ fn network_none_has_only_loopback_up() -> Result<(), Failed> {
         .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok());
     if lines.first() != Some(&"lo") || flags.is_none_or(|f| f & libc::IFF_UP as u32 == 0) {
         return Err(format!("expected only lo, up; the container saw {:?}", r.stdout).into());
+    }
+    nothing_left()
+}
+
+/// The container gets Docker's defaults (its 14 capabilities, none ambient,
+/// no_new_privs off, 1048576 open files); `--cap-add`/`--cap-drop` change the
+/// set; a bad name is refused before anything starts.
+fn dockers_default_capabilities_and_cap_flags() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let probe = "grep -E '^(CapEff|CapAmb|NoNewPrivs):' /proc/self/status; ulimit -n; \
+                 touch /tmp/f; chown 1:1 /tmp/f && echo chown-ok || echo chown-denied";
+    let r = bulkhead_run(rootfs.path(), &[], &["sh", "-c", probe], None)?;
+    expect(&r, 0, "the probe")?;
+    let field = |out: &str, key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    // Docker's default set as a mask: CHOWN DAC_OVERRIDE FOWNER FSETID KILL
+    // SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD
+    // AUDIT_WRITE SETFCAP.
+    const DOCKER_DEFAULT: &str = "00000000a80425fb";
+    let want = [
+        ("CapEff:", DOCKER_DEFAULT),
+        ("CapAmb:", "0000000000000000"),
+        ("NoNewPrivs:", "0"),
+    ];
+    for (key, value) in want {
+        if field(&r.stdout, key) != value {
+            return Err(format!("{key} should be {value}:\n{}", r.stdout).into());
+        }
+    }
+    if !r.stdout.contains("\n1048576\n") || !r.stdout.contains("chown-ok") {
+        return Err(format!("want 1048576 open files and chown to work:\n{}", r.stdout).into());
+    }
+
+    let flags = ["--cap-drop", "chown", "--cap-add", "CAP_NET_ADMIN"];
+    let r = bulkhead_run(rootfs.path(), &flags, &["sh", "-c", probe], None)?;
+    expect(&r, 0, "the probe with --cap-drop/--cap-add")?;
+    // Without CHOWN (bit 0), with NET_ADMIN (bit 12).
+    if field(&r.stdout, "CapEff:") != "00000000a80435fa" || !r.stdout.contains("chown-denied") {
+        return Err(format!("--cap-drop chown --cap-add NET_ADMIN gave:\n{}", r.stdout).into());
+    }
+
+    let r = bulkhead_run(rootfs.path(), &["--cap-add", "NET_ADMINN"], &["true"], None)?;
+    if r.code != 125 || !r.stderr.contains("--cap-add NET_ADMINN") {
+        return Err(format!("a bad capability: exit {}, {}", r.code, r.stderr).into());
     }
     nothing_left()
 }

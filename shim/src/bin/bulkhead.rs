@@ -204,6 +204,8 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
         detach: args.detach,
         auto_remove: args.rm,
         read_only: args.read_only,
+        cap_add: args.cap_add,
+        cap_drop: args.cap_drop,
         memory: args.memory.as_deref().map(parse_memory).transpose()?,
         cpus: args.cpus.as_deref().map(parse_cpus).transpose()?,
         volumes: args

@@ -196,6 +196,12 @@ pub struct RunArgs {
     /// Mount the root file system read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Add a capability to Docker's default set, e.g. NET_ADMIN, or ALL (repeatable).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from the default set, or ALL (repeatable).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
     /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] (repeatable).
     #[arg(short, long = "publish", value_name = "[IP:]HOST:CTR[/PROTO]")]
     pub publish: Vec<String>,

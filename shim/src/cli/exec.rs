@@ -67,6 +67,9 @@ pub async fn exec(config: &Config, name: &str, opts: &ExecOptions) -> Result<i32
         user: user.0,
         terminal: opts.tty,
         additional_gids: user.1,
+        // The container's capabilities, as `docker exec` gives them.
+        cap_add: record.process.cap_add.clone(),
+        cap_drop: record.process.cap_drop.clone(),
         ..Default::default()
     };
     let interactive = opts.interactive;

@@ -14,6 +14,7 @@ pub mod monitor;
 pub mod network;
 pub mod process_io;
 pub mod run;
+pub mod security;
 pub mod spec;
 pub mod users;
 

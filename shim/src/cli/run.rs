@@ -67,6 +67,10 @@ pub struct RunOptions {
     pub network: super::network::NetworkOptions,
     /// `--hostname`.
     pub hostname: Option<String>,
+    /// `--cap-add`.
+    pub cap_add: Vec<String>,
+    /// `--cap-drop`.
+    pub cap_drop: Vec<String>,
     /// This host's settings.
     pub config: Config,
 }
@@ -153,6 +157,7 @@ fn validate(opts: &RunOptions) -> Result<()> {
     if opts.boot_timeout.is_some_and(|t| t.is_zero()) {
         bail!("--boot-timeout 0: the microVM needs at least 1 s to come up");
     }
+    super::security::capability_set(&opts.cap_add, &opts.cap_drop)?;
     if opts.detach && opts.interactive {
         bail!("-d with -i: a detached container has no terminal to read from (bulkhead has no attach); drop -i, or -d");
     }
@@ -217,6 +222,8 @@ fn process_options(opts: &RunOptions, image: &ImageChoice) -> Result<ProcessOpti
         memory_limit: opts.memory.map(|m| m as i64),
         additional_gids: ids.additional_gids,
         cpus: opts.cpus,
+        cap_add: opts.cap_add.clone(),
+        cap_drop: opts.cap_drop.clone(),
     })
 }
 

@@ -2,6 +2,8 @@
 //! capabilities, masked paths, mounts), with what the command line asks for.
 
 use anyhow::{bail, Context, Result};
+
+use super::security;
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
     RootBuilder, Spec, UserBuilder,
@@ -30,6 +32,12 @@ pub struct ProcessOptions {
     /// CPU limit in CPUs (`--cpus 1.5`): a CFS quota over a 100 ms period.
     #[serde(default)]
     pub cpus: Option<f64>,
+    /// `--cap-add`: capabilities beyond Docker's default set, or ALL.
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// `--cap-drop`: capabilities taken from it, or ALL.
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
 }
 
 /// The CFS period `--cpus` quotas are expressed over, as in Docker.
@@ -62,8 +70,11 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
         bail!("the working directory must be absolute, not {cwd:?}");
     }
     let (uid, gid) = parse_user(opts.user.as_deref())?;
+    let capabilities =
+        security::process_capabilities(security::capability_set(&opts.cap_add, &opts.cap_drop)?)?;
     let mut spec = Spec::default();
-    let defaults = spec.process().clone().unwrap_or_default();
+    // Docker's defaults, not runc's (see `security`); no_new_privs is left
+    // unset, so setuid programs work, as with Docker.
     let process = ProcessBuilder::default()
         .terminal(opts.terminal)
         .args(opts.args.clone())
@@ -76,11 +87,14 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
             }
             user.build()?
         })
-        .capabilities(defaults.capabilities().clone().unwrap_or_default())
-        .rlimits(defaults.rlimits().clone().unwrap_or_default())
-        .no_new_privileges(true)
+        .capabilities(capabilities)
+        .rlimits(security::default_rlimits()?)
         .build()
         .context("building the OCI process")?;
+    // oci-spec's default process has it on, as `runc spec`; unset is off,
+    // and (unlike an explicit false) every runtime reads it the same way.
+    let mut process = process;
+    process.set_no_new_privileges(None);
     spec.set_process(Some(process));
     spec.set_hostname(Some(hostname.to_owned()));
     spec.set_root(Some(
