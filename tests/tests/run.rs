@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             ),
             common::trial("user_is_honoured", user_is_honoured),
             common::trial(
+                "security_opt_seccomp_reaches_run_and_exec_and_ulimit_applies",
+                security_opt_and_ulimit,
+            ),
+            common::trial(
                 "dockers_default_capabilities_and_cap_flags",
                 dockers_default_capabilities_and_cap_flags,
             ),
@@ -608,6 +612,62 @@ fn dockers_default_capabilities_and_cap_flags() -> Result<(), Failed> {
     let r = bulkhead_run(rootfs.path(), &["--cap-add", "NET_ADMINN"], &["true"], None)?;
     if r.code != 125 || !r.stderr.contains("--cap-add NET_ADMINN") {
         return Err(format!("a bad capability: exit {}, {}", r.code, r.stderr).into());
+    }
+    nothing_left()
+}
+
+/// `--security-opt seccomp=PROFILE` filters the container's first process
+/// and what `bulkhead exec` starts in it; `--ulimit` sets the limit; a
+/// missing profile is refused before anything starts.
+fn security_opt_and_ulimit() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let dir = tempfile::tempdir()?;
+    let profile = dir.path().join("no-chmod.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["chmod", "fchmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+        ]}"#,
+    )?;
+    let opt = format!("seccomp={}", profile.display());
+    let probe = "grep '^Seccomp:' /proc/self/status; ulimit -n; touch /tmp/f; \
+                 chmod 600 /tmp/f && echo chmod-allowed || echo chmod-denied";
+    let flags = ["--security-opt", &opt, "--ulimit", "nofile=1024:2048"];
+    let r = bulkhead_run(rootfs.path(), &flags, &["sh", "-c", probe], None)?;
+    expect(&r, 0, "the probe under the profile")?;
+    if !r.stdout.contains("Seccomp:\t2") || !r.stdout.contains("\n1024\n") {
+        return Err(format!("the profile or the limit did not apply:\n{}", r.stdout).into());
+    }
+    if !r.stdout.contains("chmod-denied") {
+        return Err(format!("chmod was allowed under the profile:\n{}", r.stdout).into());
+    }
+
+    let name = "e2e-seccomp-exec";
+    let mut extra = vec!["--name", name];
+    extra.extend(flags);
+    let (child, _) = spawn_until_first_line(
+        &rootfs,
+        &extra,
+        &["sh", "-c", "echo started; exec sleep 120"],
+    )?;
+    let mut e = Command::new(cli());
+    e.args(["exec", name, "--", "sh", "-c", probe])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let exec = wait_with_deadline(e.spawn()?, DEADLINE);
+    let _ = Command::new(cli()).args(["rm", "-f", name]).output();
+    let _ = wait_with_deadline(child, DEADLINE);
+    let exec = exec?;
+    expect(&exec, 0, "exec under the profile")?;
+    if !exec.stdout.contains("Seccomp:\t2") || !exec.stdout.contains("chmod-denied") {
+        return Err(format!("the exec'd process is not filtered:\n{}", exec.stdout).into());
+    }
+
+    let missing = ["--security-opt", "seccomp=/no/such/profile.json"];
+    let r = bulkhead_run(rootfs.path(), &missing, &["true"], None)?;
+    if r.code != 125 || !r.stderr.contains("seccomp=/no/such/profile.json") {
+        return Err(format!("a missing profile: exit {}, {}", r.code, r.stderr).into());
     }
     nothing_left()
 }

@@ -206,6 +206,8 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
         read_only: args.read_only,
         cap_add: args.cap_add,
         cap_drop: args.cap_drop,
+        security: bulkhead::cli::security::security_opts(&args.security_opt)?,
+        ulimits: args.ulimit,
         memory: args.memory.as_deref().map(parse_memory).transpose()?,
         cpus: args.cpus.as_deref().map(parse_cpus).transpose()?,
         volumes: args

@@ -202,6 +202,13 @@ pub struct RunArgs {
     /// Drop a capability from the default set, or ALL (repeatable).
     #[arg(long = "cap-drop", value_name = "CAP")]
     pub cap_drop: Vec<String>,
+    /// seccomp=PROFILE.json (an OCI profile), seccomp=unconfined, or
+    /// no-new-privileges (repeatable).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// A resource limit, NAME=SOFT[:HARD], e.g. nofile=1024:2048 (repeatable).
+    #[arg(long, value_name = "NAME=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
     /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] (repeatable).
     #[arg(short, long = "publish", value_name = "[IP:]HOST:CTR[/PROTO]")]
     pub publish: Vec<String>,

@@ -70,6 +70,8 @@ pub async fn exec(config: &Config, name: &str, opts: &ExecOptions) -> Result<i32
         // The container's capabilities, as `docker exec` gives them.
         cap_add: record.process.cap_add.clone(),
         cap_drop: record.process.cap_drop.clone(),
+        // The agent applies the container's seccomp profile to every exec.
+        no_new_privileges: record.process.no_new_privileges,
         ..Default::default()
     };
     let interactive = opts.interactive;

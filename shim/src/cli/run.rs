@@ -71,6 +71,10 @@ pub struct RunOptions {
     pub cap_add: Vec<String>,
     /// `--cap-drop`.
     pub cap_drop: Vec<String>,
+    /// `--security-opt`, parsed (its profile read).
+    pub security: super::security::SecurityOpts,
+    /// `--ulimit`.
+    pub ulimits: Vec<String>,
     /// This host's settings.
     pub config: Config,
 }
@@ -158,6 +162,7 @@ fn validate(opts: &RunOptions) -> Result<()> {
         bail!("--boot-timeout 0: the microVM needs at least 1 s to come up");
     }
     super::security::capability_set(&opts.cap_add, &opts.cap_drop)?;
+    super::security::rlimits(&opts.ulimits)?;
     if opts.detach && opts.interactive {
         bail!("-d with -i: a detached container has no terminal to read from (bulkhead has no attach); drop -i, or -d");
     }
@@ -224,6 +229,9 @@ fn process_options(opts: &RunOptions, image: &ImageChoice) -> Result<ProcessOpti
         cpus: opts.cpus,
         cap_add: opts.cap_add.clone(),
         cap_drop: opts.cap_drop.clone(),
+        seccomp: opts.security.seccomp.clone(),
+        no_new_privileges: opts.security.no_new_privileges,
+        ulimits: opts.ulimits.clone(),
     })
 }
 

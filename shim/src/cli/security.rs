@@ -11,8 +11,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxCapabilities, LinuxCapabilitiesBuilder, PosixRlimit,
-    PosixRlimitBuilder, PosixRlimitType,
+    Capabilities, Capability, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxSeccomp,
+    PosixRlimit, PosixRlimitBuilder, PosixRlimitType,
 };
 
 /// Docker's default capability set (moby's `DefaultCapabilities`).
@@ -140,6 +140,110 @@ pub fn default_rlimits() -> Result<Vec<PosixRlimit>> {
         .build()?])
 }
 
+/// What `--security-opt` asked for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SecurityOpts {
+    /// `seccomp=PROFILE.json`: an OCI seccomp profile (`seccomp=unconfined`,
+    /// like the default today, applies none).
+    pub seccomp: Option<LinuxSeccomp>,
+    /// `no-new-privileges`: setuid and file capabilities grant nothing.
+    pub no_new_privileges: bool,
+}
+
+/// Parses the `--security-opt` values, reading any seccomp profile now, so
+/// that a missing or malformed one is an error before anything starts.
+pub fn security_opts(values: &[String]) -> Result<SecurityOpts> {
+    let mut opts = SecurityOpts::default();
+    for value in values {
+        // Docker takes both `key=value` and the older `key:value`.
+        let (key, arg) = match value.split_once(['=', ':']) {
+            Some((k, v)) => (k, Some(v)),
+            None => (value.as_str(), None),
+        };
+        match (key, arg) {
+            ("seccomp", Some("unconfined")) => opts.seccomp = None,
+            ("seccomp", Some(path)) if !path.is_empty() => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("--security-opt {value}: cannot read the profile: {e}")
+                })?;
+                let profile: LinuxSeccomp = serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--security-opt {value}: not an OCI seccomp profile ({e}); it needs \
+                         defaultAction and syscalls entries of names and action"
+                    )
+                })?;
+                opts.seccomp = Some(profile);
+            }
+            ("no-new-privileges", None | Some("true")) => opts.no_new_privileges = true,
+            ("no-new-privileges", Some("false")) => opts.no_new_privileges = false,
+            _ => bail!(
+                "--security-opt {value:?}: expected seccomp=PROFILE.json, seccomp=unconfined or \
+                 no-new-privileges[=true|false]"
+            ),
+        }
+    }
+    Ok(opts)
+}
+
+/// Parses `--ulimit NAME=SOFT[:HARD]` (the names of `ulimit`/Docker: nofile,
+/// nproc, core, memlock, stack, ...; HARD defaults to SOFT).
+pub fn ulimit(value: &str) -> Result<PosixRlimit> {
+    let err = |why: &str| anyhow::anyhow!("--ulimit {value}: {why}");
+    let (name, limits) = value
+        .split_once('=')
+        .ok_or_else(|| err("expected NAME=SOFT[:HARD], e.g. nofile=1024:2048"))?;
+    let typ = match name {
+        "as" => PosixRlimitType::RlimitAs,
+        "core" => PosixRlimitType::RlimitCore,
+        "cpu" => PosixRlimitType::RlimitCpu,
+        "data" => PosixRlimitType::RlimitData,
+        "fsize" => PosixRlimitType::RlimitFsize,
+        "locks" => PosixRlimitType::RlimitLocks,
+        "memlock" => PosixRlimitType::RlimitMemlock,
+        "msgqueue" => PosixRlimitType::RlimitMsgqueue,
+        "nice" => PosixRlimitType::RlimitNice,
+        "nofile" => PosixRlimitType::RlimitNofile,
+        "nproc" => PosixRlimitType::RlimitNproc,
+        "rss" => PosixRlimitType::RlimitRss,
+        "rtprio" => PosixRlimitType::RlimitRtprio,
+        "rttime" => PosixRlimitType::RlimitRttime,
+        "sigpending" => PosixRlimitType::RlimitSigpending,
+        "stack" => PosixRlimitType::RlimitStack,
+        _ => return Err(err(&format!("unknown limit {name:?}; one of as, core, cpu, data, fsize, locks, memlock, msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack"))),
+    };
+    let number = |s: &str| -> Result<u64> {
+        match s {
+            "unlimited" | "-1" => Ok(u64::MAX),
+            _ => s
+                .parse()
+                .map_err(|_| err(&format!("{s:?} is not a number or unlimited"))),
+        }
+    };
+    let (soft, hard) = match limits.split_once(':') {
+        Some((soft, hard)) => (number(soft)?, number(hard)?),
+        None => (number(limits)?, number(limits)?),
+    };
+    if soft > hard {
+        return Err(err("the soft limit is above the hard one"));
+    }
+    Ok(PosixRlimitBuilder::default()
+        .typ(typ)
+        .soft(soft)
+        .hard(hard)
+        .build()?)
+}
+
+/// The rlimits: the defaults, each replaced by a `--ulimit` of its kind.
+pub fn rlimits(ulimits: &[String]) -> Result<Vec<PosixRlimit>> {
+    let mut limits = default_rlimits()?;
+    for value in ulimits {
+        let limit = ulimit(value)?;
+        limits.retain(|l| l.typ() != limit.typ());
+        limits.push(limit);
+    }
+    Ok(limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +302,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("--cap-drop bogus:"), "{err}");
+    }
+
+    #[test]
+    fn security_opts_read_the_profile_and_no_new_privileges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(
+            &path,
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["chmod"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        )
+        .unwrap();
+        let opts = security_opts(&[
+            format!("seccomp={}", path.display()),
+            "no-new-privileges".into(),
+        ])
+        .unwrap();
+        assert!(opts.no_new_privileges);
+        let profile = opts.seccomp.unwrap();
+        assert_eq!(profile.syscalls().as_ref().map(Vec::len), Some(1));
+
+        let none = security_opts(&["seccomp=unconfined".into()]).unwrap();
+        assert_eq!(none, SecurityOpts::default());
+        assert!(security_opts(&["no-new-privileges:false".into()]).is_ok());
+
+        let missing = security_opts(&["seccomp=/nonexistent.json".into()]).unwrap_err();
+        assert!(
+            missing.to_string().contains("cannot read the profile"),
+            "{missing}"
+        );
+        std::fs::write(&path, "{").unwrap();
+        let bad = security_opts(&[format!("seccomp={}", path.display())]).unwrap_err();
+        assert!(
+            bad.to_string().contains("not an OCI seccomp profile"),
+            "{bad}"
+        );
+        let unknown = security_opts(&["apparmor=x".into()]).unwrap_err();
+        assert!(unknown.to_string().contains("apparmor=x"), "{unknown}");
+    }
+
+    #[test]
+    fn ulimits_replace_the_defaults() {
+        let limits = rlimits(&["nofile=1024:2048".into(), "nproc=100".into()]).unwrap();
+        let nofile = limits
+            .iter()
+            .find(|l| l.typ() == PosixRlimitType::RlimitNofile)
+            .unwrap();
+        assert_eq!((nofile.soft(), nofile.hard()), (1024, 2048));
+        let nproc = limits
+            .iter()
+            .find(|l| l.typ() == PosixRlimitType::RlimitNproc)
+            .unwrap();
+        assert_eq!((nproc.soft(), nproc.hard()), (100, 100));
+        assert_eq!(limits.len(), 2);
+        assert_eq!(ulimit("core=unlimited").unwrap().hard(), u64::MAX);
+        for (bad, why) in [
+            ("nofile", "NAME=SOFT"),
+            ("files=1", "unknown limit"),
+            ("nofile=2048:1024", "above the hard"),
+            ("nofile=lots", "not a number"),
+        ] {
+            let err = ulimit(bad).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 
 use super::security;
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
-    RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, LinuxSeccomp,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 /// What the command line says about the container's process.
@@ -38,6 +38,15 @@ pub struct ProcessOptions {
     /// `--cap-drop`: capabilities taken from it, or ALL.
     #[serde(default)]
     pub cap_drop: Vec<String>,
+    /// `--security-opt seccomp=PROFILE.json`: the profile, read at `run`.
+    #[serde(default)]
+    pub seccomp: Option<LinuxSeccomp>,
+    /// `--security-opt no-new-privileges`.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// `--ulimit NAME=SOFT[:HARD]` values.
+    #[serde(default)]
+    pub ulimits: Vec<String>,
 }
 
 /// The CFS period `--cpus` quotas are expressed over, as in Docker.
@@ -88,13 +97,13 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
             user.build()?
         })
         .capabilities(capabilities)
-        .rlimits(security::default_rlimits()?)
+        .rlimits(security::rlimits(&opts.ulimits)?)
         .build()
         .context("building the OCI process")?;
     // oci-spec's default process has it on, as `runc spec`; unset is off,
     // and (unlike an explicit false) every runtime reads it the same way.
     let mut process = process;
-    process.set_no_new_privileges(None);
+    process.set_no_new_privileges(opts.no_new_privileges.then_some(true));
     spec.set_process(Some(process));
     spec.set_hostname(Some(hostname.to_owned()));
     spec.set_root(Some(
@@ -127,6 +136,7 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
     if opts.memory_limit.is_some() || opts.cpus.is_some() {
         linux.set_resources(Some(resources.build()?));
     }
+    linux.set_seccomp(opts.seccomp.clone());
     spec.set_linux(Some(linux));
     Ok(spec)
 }
