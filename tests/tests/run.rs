@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             ),
             common::trial("user_is_honoured", user_is_honoured),
             common::trial(
+                "sysctl_tmpfs_shm_size_and_masked_paths",
+                sysctl_tmpfs_shm_size_and_masked_paths,
+            ),
+            common::trial(
                 "security_opt_seccomp_reaches_run_and_exec_and_ulimit_applies",
                 security_opt_and_ulimit,
             ),
@@ -668,6 +672,54 @@ fn security_opt_and_ulimit() -> Result<(), Failed> {
     let r = bulkhead_run(rootfs.path(), &missing, &["true"], None)?;
     if r.code != 125 || !r.stderr.contains("seccomp=/no/such/profile.json") {
         return Err(format!("a missing profile: exit {}, {}", r.code, r.stderr).into());
+    }
+    nothing_left()
+}
+
+/// `--sysctl`, `--tmpfs` and `--shm-size` reach the container; Docker's
+/// masked paths are masked; a sysctl of the whole kernel is refused.
+fn sysctl_tmpfs_shm_size_and_masked_paths() -> Result<(), Failed> {
+    let rootfs = Rootfs::new()?;
+    let flags = [
+        "--sysctl",
+        "net.ipv4.ip_forward=1",
+        "--sysctl",
+        "kernel.shmmni=1000",
+        "--tmpfs",
+        "/scratch:size=1m",
+        "--shm-size",
+        "8m",
+    ];
+    let probe = "cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/shmmni; \
+                 grep -E ' /(scratch|dev/shm) ' /proc/mounts; \
+                 echo interrupts=$(wc -c < /proc/interrupts)";
+    let r = bulkhead_run(rootfs.path(), &flags, &["sh", "-c", probe], None)?;
+    expect(&r, 0, "the probe")?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let mount = |dir: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!(" {dir} ")))
+            .copied()
+            .unwrap_or("")
+    };
+    let ok = lines.first() == Some(&"1")
+        && lines.get(1) == Some(&"1000")
+        && mount("/scratch").contains("size=1024k")
+        && mount("/scratch").contains("noexec")
+        && mount("/dev/shm").contains("size=8192k")
+        && r.stdout.contains("interrupts=0");
+    if !ok {
+        return Err(format!("sysctls, tmpfs, shm size or masking missing:\n{}", r.stdout).into());
+    }
+    let r = bulkhead_run(
+        rootfs.path(),
+        &["--sysctl", "vm.swappiness=10"],
+        &["true"],
+        None,
+    )?;
+    if r.code != 125 || !r.stderr.contains("vm.swappiness") {
+        return Err(format!("a global sysctl: exit {}, {}", r.code, r.stderr).into());
     }
     nothing_left()
 }

@@ -208,6 +208,13 @@ fn run_options(args: RunArgs, config: Config) -> Result<RunOptions> {
         cap_drop: args.cap_drop,
         security: bulkhead::cli::security::security_opts(&args.security_opt)?,
         ulimits: args.ulimit,
+        sysctls: args.sysctl,
+        tmpfs: args.tmpfs,
+        shm_size: args
+            .shm_size
+            .as_deref()
+            .map(bulkhead::cli::kernel_opts::shm_size)
+            .transpose()?,
         memory: args.memory.as_deref().map(parse_memory).transpose()?,
         cpus: args.cpus.as_deref().map(parse_cpus).transpose()?,
         volumes: args

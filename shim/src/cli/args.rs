@@ -209,6 +209,16 @@ pub struct RunArgs {
     /// A resource limit, NAME=SOFT[:HARD], e.g. nofile=1024:2048 (repeatable).
     #[arg(long, value_name = "NAME=SOFT[:HARD]")]
     pub ulimit: Vec<String>,
+    /// A kernel parameter of the container's namespaces, e.g.
+    /// net.ipv4.ip_forward=1 (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub sysctl: Vec<String>,
+    /// Mount a tmpfs, e.g. /run:size=64m (repeatable).
+    #[arg(long, value_name = "DIR[:OPTIONS]")]
+    pub tmpfs: Vec<String>,
+    /// The size of /dev/shm, e.g. 256m [default: 64m].
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    pub shm_size: Option<String>,
     /// Publish a container port on the host: [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] (repeatable).
     #[arg(short, long = "publish", value_name = "[IP:]HOST:CTR[/PROTO]")]
     pub publish: Vec<String>,

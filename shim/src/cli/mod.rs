@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod exec;
 pub mod flags;
 pub mod images;
+pub mod kernel_opts;
 pub mod manage;
 pub mod monitor;
 pub mod network;

@@ -75,6 +75,12 @@ pub struct RunOptions {
     pub security: super::security::SecurityOpts,
     /// `--ulimit`.
     pub ulimits: Vec<String>,
+    /// `--sysctl`.
+    pub sysctls: Vec<String>,
+    /// `--tmpfs`.
+    pub tmpfs: Vec<String>,
+    /// `--shm-size`, bytes.
+    pub shm_size: Option<u64>,
     /// This host's settings.
     pub config: Config,
 }
@@ -163,6 +169,12 @@ fn validate(opts: &RunOptions) -> Result<()> {
     }
     super::security::capability_set(&opts.cap_add, &opts.cap_drop)?;
     super::security::rlimits(&opts.ulimits)?;
+    for s in &opts.sysctls {
+        super::kernel_opts::sysctl(s)?;
+    }
+    for t in &opts.tmpfs {
+        super::kernel_opts::tmpfs(t)?;
+    }
     if opts.detach && opts.interactive {
         bail!("-d with -i: a detached container has no terminal to read from (bulkhead has no attach); drop -i, or -d");
     }
@@ -232,6 +244,9 @@ fn process_options(opts: &RunOptions, image: &ImageChoice) -> Result<ProcessOpti
         seccomp: opts.security.seccomp.clone(),
         no_new_privileges: opts.security.no_new_privileges,
         ulimits: opts.ulimits.clone(),
+        sysctls: opts.sysctls.clone(),
+        tmpfs: opts.tmpfs.clone(),
+        shm_size: opts.shm_size,
     })
 }
 

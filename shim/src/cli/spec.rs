@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::security;
+use super::{kernel_opts, security};
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, LinuxSeccomp,
     ProcessBuilder, RootBuilder, Spec, UserBuilder,
@@ -47,6 +47,15 @@ pub struct ProcessOptions {
     /// `--ulimit NAME=SOFT[:HARD]` values.
     #[serde(default)]
     pub ulimits: Vec<String>,
+    /// `--sysctl KEY=VALUE` values.
+    #[serde(default)]
+    pub sysctls: Vec<String>,
+    /// `--tmpfs DIR[:OPTIONS]` values.
+    #[serde(default)]
+    pub tmpfs: Vec<String>,
+    /// `--shm-size`, bytes.
+    #[serde(default)]
+    pub shm_size: Option<u64>,
 }
 
 /// The CFS period `--cpus` quotas are expressed over, as in Docker.
@@ -137,7 +146,26 @@ pub fn build(opts: &ProcessOptions, rootfs: &str, hostname: &str) -> Result<Spec
         linux.set_resources(Some(resources.build()?));
     }
     linux.set_seccomp(opts.seccomp.clone());
+    linux.set_masked_paths(Some(kernel_opts::MASKED_PATHS.map(String::from).to_vec()));
+    if !opts.sysctls.is_empty() {
+        let sysctls = opts
+            .sysctls
+            .iter()
+            .map(|s| kernel_opts::sysctl(s))
+            .collect::<Result<_>>()?;
+        linux.set_sysctl(Some(sysctls));
+    }
     spec.set_linux(Some(linux));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    if let Some(bytes) = opts.shm_size {
+        kernel_opts::with_shm_size(&mut mounts, bytes);
+    }
+    for t in &opts.tmpfs {
+        let mount = kernel_opts::tmpfs(t)?;
+        mounts.retain(|m| m.destination() != mount.destination());
+        mounts.push(mount);
+    }
+    spec.set_mounts(Some(mounts));
     Ok(spec)
 }
 
