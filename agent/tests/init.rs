@@ -16,6 +16,10 @@ fn can_run() -> bool {
 #[test]
 fn kernel_filesystems_and_controllers() {
     if !can_run() {
+        // `cargo xtask test` runs this again where it can run; a skip there fails.
+        if std::env::var_os("BULKHEAD_AGENT_TESTS_REQUIRED").is_some() {
+            panic!("needs root and cgroup v2 at /sys/fs/cgroup, which this host lacks");
+        }
         // Straight to fd 2: the test harness captures eprintln!.
         let _ = std::io::Write::write_all(
             &mut std::io::stderr(),

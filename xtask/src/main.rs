@@ -3,6 +3,7 @@
 //! Every step a developer or CI needs lives here (not in shell snippets), so a
 //! fresh Debian 12 machine needs only the README's two commands.
 
+mod agent_tests;
 mod bench;
 mod cmd;
 mod demo;
@@ -59,6 +60,10 @@ enum Task {
     Demo,
     /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
     Test,
+    /// Run only the agent's container tests, where they can run (this
+    /// machine with root and cgroup v2, or the emulated host); `test` runs
+    /// them too.
+    TestAgent,
     /// Run a benchmark against its reference, in the same host, and print ratios.
     Bench {
         /// Which benchmark.
@@ -129,6 +134,7 @@ fn run(task: Task) -> Result<()> {
         Task::Package => package::build().map(|_| ()),
         Task::Demo => demo::run(),
         Task::Test => workspace::test(),
+        Task::TestAgent => agent_tests::run(),
         Task::Bench { which, runs } => bench::run(which, runs),
     }
 }

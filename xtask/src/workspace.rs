@@ -172,7 +172,7 @@ pub fn test() -> Result<()> {
         if let Some(status) = child.try_wait().context("waiting for cargo test")? {
             TestLog::drain(&pipes);
             if status.success() {
-                return Ok(());
+                return crate::agent_tests::run();
             }
             let (failed, summary) = log.failure_summary();
             println!("{summary}");
