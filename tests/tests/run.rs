@@ -660,12 +660,27 @@ fn security_opt_and_ulimit() -> Result<(), Failed> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let exec = wait_with_deadline(e.spawn()?, DEADLINE);
+    let inspect = Command::new(cli()).args(["inspect", name]).output();
     let _ = Command::new(cli()).args(["rm", "-f", name]).output();
     let _ = wait_with_deadline(child, DEADLINE);
     let exec = exec?;
     expect(&exec, 0, "exec under the profile")?;
     if !exec.stdout.contains("Seccomp:\t2") || !exec.stdout.contains("chmod-denied") {
         return Err(format!("the exec'd process is not filtered:\n{}", exec.stdout).into());
+    }
+    // inspect shows what the container got.
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect?.stdout)?;
+    let (host, security) = (&inspect[0]["HostConfig"], &inspect[0]["Security"]);
+    let caps = security["Capabilities"].as_array().map_or(0, Vec::len);
+    let ok = host["Ulimits"][0]["Name"] == "nofile"
+        && host["Ulimits"][0]["Soft"] == 1024
+        && host["SecurityOpt"][0]
+            .as_str()
+            .is_some_and(|o| o.starts_with("seccomp="))
+        && security["Seccomp"] == "profile"
+        && caps == 14;
+    if !ok {
+        return Err(format!("inspect does not show the settings: {host} {security}").into());
     }
 
     let missing = ["--security-opt", "seccomp=/no/such/profile.json"];

@@ -379,7 +379,16 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
                 "ReadonlyRootfs": record.process.read_only,
                 "AutoRemove": record.auto_remove,
                 "Binds": record.volumes.iter().map(|v| format!("{}:{}{}", v.host.display(), v.container, if v.read_only { ":ro" } else { "" })).collect::<Vec<_>>(),
+                "CapAdd": record.process.cap_add,
+                "CapDrop": record.process.cap_drop,
+                "SecurityOpt": security_opt_strings(&record.process),
+                "Ulimits": ulimits_json(&record.process.ulimits),
+                "Sysctls": record.process.sysctls.iter().filter_map(|s| s.split_once('=')).collect::<std::collections::BTreeMap<_, _>>(),
+                "Tmpfs": record.process.tmpfs.iter().map(|t| t.split_once(':').unwrap_or((t, ""))).collect::<std::collections::BTreeMap<_, _>>(),
+                "ShmSize": record.process.shm_size.unwrap_or(64 << 20),
+                "Privileged": false,
             },
+            "Security": effective_security(&record.process),
             "Sandbox": {
                 "Id": short(&record.id),
                 "Dir": config.run_root.join(short(&record.id)),
@@ -390,6 +399,47 @@ pub fn inspect(config: &Config, names: &[String]) -> Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// `HostConfig.SecurityOpt` as Docker shows it.
+fn security_opt_strings(p: &super::spec::ProcessOptions) -> Vec<String> {
+    let mut opts = Vec::new();
+    if let Some(profile) = &p.seccomp {
+        let rules = profile.syscalls().as_ref().map_or(0, Vec::len);
+        opts.push(format!(
+            "seccomp=<a profile of {rules} rules, given at run>"
+        ));
+    }
+    if p.no_new_privileges {
+        opts.push("no-new-privileges:true".to_owned());
+    }
+    opts
+}
+
+/// `HostConfig.Ulimits` as Docker shows it: the `--ulimit` values.
+fn ulimits_json(values: &[String]) -> Vec<serde_json::Value> {
+    values
+        .iter()
+        .filter_map(|v| super::security::ulimit(v).ok().map(|l| (v, l)))
+        .map(|(v, l)| {
+            let name = v.split_once('=').map_or(v.as_str(), |(n, _)| n);
+            serde_json::json!({"Name": name, "Soft": l.soft(), "Hard": l.hard()})
+        })
+        .collect()
+}
+
+/// What the container's processes actually get (not in Docker's output):
+/// the capability set after the flags, no_new_privs, seccomp.
+fn effective_security(p: &super::spec::ProcessOptions) -> serde_json::Value {
+    let mut caps: Vec<String> = super::security::capability_set(&p.cap_add, &p.cap_drop)
+        .map(|set| set.into_iter().map(|c| format!("CAP_{c}")).collect())
+        .unwrap_or_default();
+    caps.sort();
+    serde_json::json!({
+        "Capabilities": caps,
+        "NoNewPrivileges": p.no_new_privileges,
+        "Seccomp": if p.seccomp.is_some() { "profile" } else { "unconfined" },
+    })
 }
 
 /// Docker's `NetworkSettings`: the network, the addresses CNI gave (while
