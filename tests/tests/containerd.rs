@@ -177,6 +177,38 @@ fn expect(o: &Outcome, code: i32, what: &str, log: &str) -> Result<(), Failed> {
     Ok(())
 }
 
+/// SIGKILLs task `id`, waits until it is STOPPED, and deletes it and its
+/// container, each step expected to succeed.
+fn kill_and_remove(s: &Setup, id: &str) -> Result<(), Failed> {
+    let log = || s.daemon().log_tail();
+    let kill = ["task", "kill", "--signal", "SIGKILL", id];
+    expect(&run_cmd(&mut s.ctr(kill))?, 0, "ctr task kill", &log())?;
+    let deadline = Instant::now() + DEADLINE;
+    while !run_cmd(&mut s.ctr(["task", "ls"]))?
+        .stdout
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+    {
+        if Instant::now() > deadline {
+            return Err(format!("task {id} did not stop after SIGKILL").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    expect(
+        &run_cmd(&mut s.ctr(["task", "delete", id]))?,
+        0,
+        "ctr task delete",
+        &log(),
+    )?;
+    expect(
+        &run_cmd(&mut s.ctr(["container", "rm", id]))?,
+        0,
+        "ctr container rm",
+        &log(),
+    )?;
+    Ok(())
+}
+
 /// Polls `ctr task ls` until task `id` is RUNNING.
 fn wait_running(s: &Setup, id: &str) -> Result<(), Failed> {
     let deadline = Instant::now() + DEADLINE;
@@ -366,35 +398,7 @@ fn pause_and_resume() -> Result<(), Failed> {
     if !grows_past(frozen_at) {
         return Err(format!("the counter did not go on after resume: {}", read()).into());
     }
-    expect(
-        &run_cmd(&mut s.ctr(["task", "kill", "--signal", "SIGKILL", "t7"]))?,
-        0,
-        "ctr task kill",
-        &log(),
-    )?;
-    let deadline = Instant::now() + DEADLINE;
-    while !run_cmd(&mut s.ctr(["task", "ls"]))?
-        .stdout
-        .lines()
-        .any(|l| l.starts_with("t7") && l.contains("STOPPED"))
-    {
-        if Instant::now() > deadline {
-            return Err("t7 did not stop after SIGKILL".into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    expect(
-        &run_cmd(&mut s.ctr(["task", "delete", "t7"]))?,
-        0,
-        "ctr task delete",
-        &log(),
-    )?;
-    expect(
-        &run_cmd(&mut s.ctr(["container", "rm", "t7"]))?,
-        0,
-        "ctr container rm",
-        &log(),
-    )?;
+    kill_and_remove(&s, "t7")?;
     s.finish()
 }
 
@@ -468,35 +472,7 @@ fn tty_exec_with_long_ids() -> Result<(), Failed> {
     if !o.stdout.contains("is-a-tty") {
         return Err(format!("no terminal: {:?} {:?}", o.stdout, o.stderr).into());
     }
-    expect(
-        &run_cmd(&mut s.ctr(["task", "kill", "--signal", "SIGKILL", &id]))?,
-        0,
-        "ctr task kill",
-        &log(),
-    )?;
-    let deadline = Instant::now() + DEADLINE;
-    while !run_cmd(&mut s.ctr(["task", "ls"]))?
-        .stdout
-        .lines()
-        .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-    {
-        if Instant::now() > deadline {
-            return Err("the task did not stop after SIGKILL".into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    expect(
-        &run_cmd(&mut s.ctr(["task", "delete", &id]))?,
-        0,
-        "ctr task delete",
-        &log(),
-    )?;
-    expect(
-        &run_cmd(&mut s.ctr(["container", "rm", &id]))?,
-        0,
-        "ctr container rm",
-        &log(),
-    )?;
+    kill_and_remove(&s, &id)?;
     s.finish()
 }
 
@@ -507,12 +483,7 @@ fn tty_exec_with_long_ids() -> Result<(), Failed> {
 fn exec_keeps_seccomp() -> Result<(), Failed> {
     let s = Setup::new()?;
     let profile = s._work.path().join("no-chmod.json");
-    std::fs::write(
-        &profile,
-        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["chmod", "fchmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
-        ]}"#,
-    )?;
+    std::fs::write(&profile, common::NO_CHMOD_PROFILE)?;
     let cri = s.daemon().cri()?;
     let pod = PodSpec::new("seccomp", "default", "uid-seccomp", "bulkhead");
     let pod_id = cri

@@ -627,12 +627,7 @@ fn security_opt_and_ulimit() -> Result<(), Failed> {
     let rootfs = Rootfs::new()?;
     let dir = tempfile::tempdir()?;
     let profile = dir.path().join("no-chmod.json");
-    std::fs::write(
-        &profile,
-        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["chmod", "fchmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
-        ]}"#,
-    )?;
+    std::fs::write(&profile, common::NO_CHMOD_PROFILE)?;
     let opt = format!("seccomp={}", profile.display());
     let probe = "grep '^Seccomp:' /proc/self/status; ulimit -n; touch /tmp/f; \
                  chmod 600 /tmp/f && echo chmod-allowed || echo chmod-denied";

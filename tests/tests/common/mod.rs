@@ -22,6 +22,12 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(150);
 /// network is) to its run inside.
 pub const E2E_VAR_PREFIX: &str = "BULKHEAD_E2E_";
 
+/// An OCI seccomp profile that allows everything but chmod (EPERM), for the
+/// tests that check a profile reaches a container's processes.
+pub const NO_CHMOD_PROFILE: &str = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+    {"names": ["chmod", "fchmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+]}"#;
+
 /// Environment variables that carry artifact paths into the emulated host.
 const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
 
