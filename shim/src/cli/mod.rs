@@ -3,7 +3,6 @@
 pub mod args;
 pub mod artifacts;
 pub mod colour;
-pub mod container_log;
 pub mod containers;
 pub mod doctor;
 pub mod exec;
@@ -13,7 +12,6 @@ pub mod kernel_opts;
 pub mod manage;
 pub mod monitor;
 pub mod network;
-pub mod process_io;
 pub mod run;
 pub mod security;
 pub mod spec;

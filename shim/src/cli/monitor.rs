@@ -19,12 +19,12 @@ use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
 use super::artifacts::Artifacts;
-use super::container_log::LogWriter;
+use crate::sandbox::container_log::LogWriter;
 use super::containers::{
     now_millis, this_monitor, ContainerRecord, ContainerState, Containers, Status,
 };
 use super::network;
-use super::process_io::{self, OutputSinks, ProcessRef};
+use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use super::spec;
 use crate::config::{Config, GUEST_OVERHEAD_MIB};
 use crate::sandbox::{guest_share_path, AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};

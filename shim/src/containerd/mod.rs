@@ -4,20 +4,16 @@
 //!
 //! - [`service`]: the shim's `start`/`delete` lifecycle and pod grouping;
 //! - [`task`]: the Task service on top of the guest agent;
-//! - [`guest_spec`]: containerd's OCI spec rewritten for the guest;
 //! - [`io`]: containerd's FIFOs and log URIs joined to the guest's streams;
 //! - [`metrics`]: the agent's cgroup statistics in containerd's types;
 //! - [`record`]: what `delete` needs after a shim crash;
-//! - [`sizing`]: the VM's vCPUs and memory from the pod's requests;
 //! - [`logging`]: the shim's log to containerd.
 
-pub mod guest_spec;
 pub mod io;
 pub mod logging;
 pub mod metrics;
 pub mod record;
 pub mod service;
-pub mod sizing;
 pub mod task;
 
 /// The runtime name containerd knows us by.

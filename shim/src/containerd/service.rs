@@ -13,7 +13,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
-use super::guest_spec::Role;
+use crate::sandbox::guest_spec::Role;
 use super::record::BundleRecord;
 use super::task::TaskService;
 use crate::config::Config;
@@ -66,7 +66,7 @@ impl Shim for Service {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         if let Some(record) = BundleRecord::read(&bundle) {
             let result = if record.owns_vm {
-                let ns = super::task::owned_netns_path(&record.run_root, &record.vm_id);
+                let ns = crate::sandbox::bundle::owned_netns_path(&record.run_root, &record.vm_id);
                 force_remove(&record.run_root, &record.vm_id)
                     .map_err(|e| e.to_string())
                     .and_then(|()| {

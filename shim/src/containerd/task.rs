@@ -32,19 +32,14 @@ use containerd_shim::{ExitSignal, TtrpcResult};
 use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
 
-use super::guest_spec::{self, Role};
+use crate::sandbox::guest_spec::{self, Role};
 use super::io::{self as pio, ProcessIo, StdioSpec};
 use super::metrics;
 use super::record::BundleRecord;
 use crate::cli::artifacts::Artifacts;
 use crate::config::Config;
-use crate::sandbox::network::egress::EgressPolicy;
-use crate::sandbox::network::{self, netns};
+use crate::sandbox::bundle::BundleVm;
 use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
-
-/// The interface CNI makes in a pod's namespace (containerd's CRI and `ctr
-/// run --cni` both name it so).
-const GUEST_IFNAME: &str = "eth0";
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug)]
@@ -117,76 +112,9 @@ impl Container {
     }
 }
 
-/// The microVM of this shim.
-struct Vm {
-    id: String,
-    sandbox: Sandbox,
-    conn: AgentConnection,
-    /// The network namespace made for this VM (the spec asked for a new one
-    /// and named none), removed with it.
-    owned_netns: Option<PathBuf>,
-    /// The egress policy of [`EGRESS_ANNOTATION`], for a join at start.
-    egress: EgressPolicy,
-}
-
-/// The annotation that gives a sandbox an egress policy (the values of
-/// `bulkhead run --egress`). For a Kubernetes pod, containerd passes it on
-/// when the runtime's `pod_annotations` lists it (e.g. `["io.bulkhead.*"]`).
-pub const EGRESS_ANNOTATION: &str = "io.bulkhead.egress";
-
-/// The egress policy `spec` asks for; a malformed one is an error.
-fn spec_egress(spec: &Spec) -> Result<EgressPolicy, String> {
-    match spec
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(EGRESS_ANNOTATION))
-    {
-        Some(v) => v.parse().map_err(|e: String| {
-            format!(
-                "annotation {EGRESS_ANNOTATION}: {}",
-                e.replace("--egress ", "")
-            )
-        }),
-        None => Ok(EgressPolicy::Open),
-    }
-}
-
-impl Vm {
-    /// Stops the VM and removes the namespace made for it.
-    async fn stop(self) {
-        if let Err(e) = self.sandbox.stop().await {
-            tracing::error!(sandbox = %self.id, "stopping the microVM: {e}");
-        }
-        if let Some(ns) = &self.owned_netns {
-            if let Err(e) = netns::remove(ns) {
-                tracing::error!(sandbox = %self.id, "removing network namespace {}: {e}", ns.display());
-            }
-        }
-    }
-}
-
-/// Where the network namespace of VM `vm_id` is pinned when the shim makes
-/// it (see [`Vm::owned_netns`]).
-pub fn owned_netns_path(run_root: &Path, vm_id: &str) -> PathBuf {
-    run_root.join("netns").join(vm_id)
-}
-
-/// The network namespace `spec` puts its container in: the one it names
-/// (CNI's, for a pod), a new one (`None` path: made here), or none at all
-/// (the host's network, which a VM cannot share: no NIC then).
-fn spec_netns(spec: &Spec) -> Option<Option<PathBuf>> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-        .map(|n| n.path().clone())
-}
-
 #[derive(Default)]
 struct State {
-    vm: Option<Vm>,
+    vm: Option<BundleVm>,
     containers: HashMap<String, Container>,
 }
 
@@ -289,10 +217,10 @@ impl Inner {
     }
 
     /// Boots the VM `vm_id` sized from `spec`.
-    async fn boot(&self, vm_id: &str, spec: &Spec) -> TtrpcResult<Vm> {
+    async fn boot(&self, vm_id: &str, spec: &Spec) -> TtrpcResult<BundleVm> {
         let artifacts = Artifacts::resolve(&self.config).map_err(|e| failed(e.to_string()))?;
         let (vcpus, memory_mib) =
-            super::sizing::vm_size(spec, self.config.vcpus, self.config.memory_mib);
+            crate::sandbox::sizing::vm_size(spec, self.config.vcpus, self.config.memory_mib);
         let config = artifacts.sandbox_config(
             &self.config,
             vm_id.to_owned(),
@@ -301,65 +229,15 @@ impl Inner {
             self.config.boot_timeout(),
         );
         tracing::info!(sandbox = vm_id, vcpus, memory_mib, "booting the microVM");
-        let egress = spec_egress(spec).map_err(|e| failed(format!("microVM of {vm_id}: {e}")))?;
-        let (netns, owned_netns) = match spec_netns(spec) {
-            Some(Some(path)) => (Some(path), None),
-            Some(None) => {
-                let path = owned_netns_path(&self.config.run_root, vm_id);
-                netns::create(&path).map_err(|e| failed(format!("microVM of {vm_id}: {e}")))?;
-                (Some(path.clone()), Some(path))
-            }
-            None => (None, None),
-        };
-        let remove_owned = || {
-            if let Some(ns) = &owned_netns {
-                let _ = netns::remove(ns);
-            }
-        };
-        let attachment = match &netns {
-            Some(ns) => match network::prepare(ns) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    remove_owned();
-                    return Err(failed(format!("the network of microVM {vm_id}: {e}")));
-                }
-            },
-            None => None,
-        };
-        let started = async {
-            let mut sandbox = Sandbox::start_on_network(&config, &[], attachment.as_ref())
-                .await
-                .map_err(|e| failed(format!("starting the microVM of {vm_id}: {e}")))?;
-            // A pod's namespace has CNI's interface already; a new one gets it
-            // (if at all) before the container starts.
-            if let Err(e) = sandbox.join_network(GUEST_IFNAME, &egress).await {
-                let _ = sandbox.stop().await;
-                return Err(failed(format!("the network of microVM {vm_id}: {e}")));
-            }
-            Ok(sandbox)
-        }
-        .await;
-        drop(attachment);
-        let sandbox = match started {
-            Ok(s) => s,
-            Err(e) => {
-                remove_owned();
-                return Err(e);
-            }
-        };
-        let conn = sandbox.connection().clone();
+        let vm = BundleVm::boot(&config, spec)
+            .await
+            .map_err(|e| failed(format!("microVM of {vm_id}: {e}")))?;
         tracing::info!(
             sandbox = vm_id,
-            agent = sandbox.agent_version(),
+            agent = vm.sandbox.agent_version(),
             "microVM ready"
         );
-        Ok(Vm {
-            id: vm_id.to_owned(),
-            sandbox,
-            conn,
-            owned_netns,
-            egress,
-        })
+        Ok(vm)
     }
 
     /// Follows the guest's OOM kills for as long as the VM lives.
@@ -687,8 +565,7 @@ impl Task for TaskService {
             // `ctr run --cni` puts the interface in the namespace between
             // create and start.
             if let Some(vm) = state.vm.as_mut() {
-                vm.sandbox
-                    .join_network(GUEST_IFNAME, &vm.egress)
+                vm.join_network()
                     .await
                     .map_err(|e| failed(format!("container {}: {e}", req.id)))?;
             }

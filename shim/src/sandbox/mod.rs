@@ -8,8 +8,13 @@
 //! every process, mount, socket and file the sandbox made; dropping a
 //! [`Sandbox`] does the same without the polite part.
 
+pub mod bundle;
+pub mod container_log;
 mod dir;
+pub mod guest_spec;
 pub mod network;
+pub mod process_io;
+pub mod sizing;
 mod processes;
 pub mod templates;
 mod vsock;

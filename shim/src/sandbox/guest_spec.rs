@@ -1,6 +1,6 @@
-//! containerd's OCI spec, made to work inside the microVM.
+//! An engine's OCI spec, made to work inside the microVM.
 //!
-//! containerd (and CRI above it) writes a spec for a host runtime: namespace
+//! containerd (and CRI above it), podman and Docker write a spec for a host runtime: namespace
 //! paths under the host's /proc, bind mounts of host files (/etc/hosts, the
 //! pod's /dev/shm, volumes), a cgroups path for the host's cgroup driver and
 //! hooks that run host binaries. None of that means anything in the guest, so

@@ -2,7 +2,8 @@
 //! copy bytes both ways, forward signals and window size changes, wait for it,
 //! and make sure output written just before it exited is not lost.
 //!
-//! Shared by `bulkhead run` (the container's init) and `bulkhead exec`.
+//! Shared by `bulkhead run` (the container's init), `bulkhead exec` and
+//! `bulkhead-runtime`'s processes (whose stdio is the engine's).
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use super::container_log::{LogStream, LogWriter};
-use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
+use super::{AgentConnection, RPC_TIMEOUT};
 
 /// How long output may keep arriving after the process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
