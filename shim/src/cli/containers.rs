@@ -175,15 +175,7 @@ impl ContainerState {
     }
 }
 
-/// A process's start time (field 22 of /proc/PID/stat), to tell it from a
-/// later process given the same pid.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from
-    // the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+pub use crate::sandbox::process_start_ticks;
 
 /// This process and its start time, for [`ContainerState::monitor`].
 pub fn this_monitor() -> Option<(u32, u64)> {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 mod docker;
 mod network;
 
-use super::artifacts::{on_path, Artifact, Located};
+use crate::sandbox::artifacts::{on_path, Artifact, Located};
 use crate::config::{Config, ConfigError};
 
 /// containerd's config when `--containerd-config` does not name another.
@@ -219,7 +219,7 @@ pub fn diagnose(loaded: Result<Config, ConfigError>, containerd_config: Option<&
     Report { checks }
 }
 
-fn not_found(subject: &'static str, e: super::artifacts::ArtifactError) -> Check {
+fn not_found(subject: &'static str, e: crate::sandbox::artifacts::ArtifactError) -> Check {
     Check::fail(subject, e.problem, Some(e.fix))
 }
 

@@ -1,7 +1,6 @@
 //! The pieces of the `bulkhead` command line that are worth testing alone.
 
 pub mod args;
-pub mod artifacts;
 pub mod colour;
 pub mod containers;
 pub mod doctor;

@@ -18,7 +18,7 @@ use bulkhead_protocol::ttrpc;
 use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
-use super::artifacts::Artifacts;
+use crate::sandbox::artifacts::Artifacts;
 use crate::sandbox::container_log::LogWriter;
 use super::containers::{
     now_millis, this_monitor, ContainerRecord, ContainerState, Containers, Status,

@@ -36,7 +36,7 @@ use crate::sandbox::guest_spec::{self, Role};
 use super::io::{self as pio, ProcessIo, StdioSpec};
 use super::metrics;
 use super::record::BundleRecord;
-use crate::cli::artifacts::Artifacts;
+use crate::sandbox::artifacts::Artifacts;
 use crate::config::Config;
 use crate::sandbox::bundle::BundleVm;
 use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};

@@ -8,6 +8,7 @@
 //! every process, mount, socket and file the sandbox made; dropping a
 //! [`Sandbox`] does the same without the polite part.
 
+pub mod artifacts;
 pub mod bundle;
 pub mod container_log;
 mod dir;
@@ -39,6 +40,7 @@ use tokio::process::Command;
 use bulkhead_protocol::network::GuestNetwork;
 pub use dir::{first_mount_under, force_remove, mounts_under, SandboxDir};
 use network::NetworkAttachment;
+pub use processes::process_start_ticks;
 use processes::{start_virtiofsd, tail, HostProcess};
 
 /// The virtio-fs tag of the sandbox share; the agent mounts it.

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use super::{probe, Check};
-use crate::cli::artifacts::on_path;
+use crate::sandbox::artifacts::on_path;
 
 /// Docker's daemon config, where runtimes are registered.
 const DAEMON_JSON: &str = "/etc/docker/daemon.json";

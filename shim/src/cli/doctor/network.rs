@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::Check;
-use crate::cli::artifacts::on_path;
+use crate::sandbox::artifacts::on_path;
 use crate::sandbox::network::cni::Plugins;
 
 /// The plugins of the default network list.

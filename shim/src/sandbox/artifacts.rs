@@ -1,4 +1,4 @@
-//! Where the CLI finds what a sandbox needs: the guest kernel and initrd, the
+//! Where every front end finds what a sandbox needs: the guest kernel and initrd, the
 //! bulkhead-vmm binary and virtiofsd.
 //!
 //! For each file, in order: its environment variable (`BULKHEAD_KERNEL`, ...:
