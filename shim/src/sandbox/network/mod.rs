@@ -271,7 +271,7 @@ mod tests {
         let Some((pod, peer)) = pod_with_eth0(dir.path()) else {
             return;
         };
-        if super::artifacts::on_path("nft").is_none() {
+        if crate::sandbox::artifacts::on_path("nft").is_none() {
             eprintln!("skipped: no nft here");
             netns::remove(&pod).unwrap();
             netns::remove(&peer).unwrap();
