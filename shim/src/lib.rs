@@ -7,4 +7,5 @@ pub mod cli;
 pub mod config;
 pub mod containerd;
 pub mod random;
+pub mod runtime;
 pub mod sandbox;

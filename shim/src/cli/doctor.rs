@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 mod docker;
 mod network;
 
-use crate::sandbox::artifacts::{on_path, Artifact, Located};
 use crate::config::{Config, ConfigError};
+use crate::sandbox::artifacts::{on_path, Artifact, Located};
 
 /// containerd's config when `--containerd-config` does not name another.
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";

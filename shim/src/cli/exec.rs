@@ -6,9 +6,9 @@ use bulkhead_protocol::agent::ExecProcessRequest;
 use bulkhead_protocol::ttrpc;
 
 use super::containers::Status;
-use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use super::spec::{self, ProcessOptions};
 use crate::config::Config;
+use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
 
 /// What `exec` was asked.

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use bulkhead_protocol::agent::SignalProcessRequest;
 use bulkhead_protocol::ttrpc;
 
-use crate::sandbox::container_log::{LogReader, LogStream};
 use super::containers::{now_millis, short, ContainerRecord, ContainerState, Containers, Status};
 use crate::config::Config;
+use crate::sandbox::container_log::{LogReader, LogStream};
 use crate::sandbox::{force_remove, AgentConnection, RPC_TIMEOUT};
 
 /// How long `stop` and `rm -f` wait for a killed container's monitor to

@@ -18,15 +18,15 @@ use bulkhead_protocol::ttrpc;
 use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
-use crate::sandbox::artifacts::Artifacts;
-use crate::sandbox::container_log::LogWriter;
 use super::containers::{
     now_millis, this_monitor, ContainerRecord, ContainerState, Containers, Status,
 };
 use super::network;
-use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use super::spec;
 use crate::config::{Config, GUEST_OVERHEAD_MIB};
+use crate::sandbox::artifacts::Artifacts;
+use crate::sandbox::container_log::LogWriter;
+use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use crate::sandbox::{guest_share_path, AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
 
 /// How the monitor's container is attached.

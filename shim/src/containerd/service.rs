@@ -13,11 +13,11 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
-use crate::sandbox::guest_spec::Role;
 use super::record::BundleRecord;
 use super::task::TaskService;
 use crate::config::Config;
 use crate::sandbox::force_remove;
+use crate::sandbox::guest_spec::Role;
 
 /// Exit status reported for a container whose shim died under it (SIGKILL).
 const KILLED_STATUS: u32 = 128 + 9;

@@ -32,13 +32,13 @@ use containerd_shim::{ExitSignal, TtrpcResult};
 use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
 
-use crate::sandbox::guest_spec::{self, Role};
 use super::io::{self as pio, ProcessIo, StdioSpec};
 use super::metrics;
 use super::record::BundleRecord;
-use crate::sandbox::artifacts::Artifacts;
 use crate::config::Config;
+use crate::sandbox::artifacts::Artifacts;
 use crate::sandbox::bundle::BundleVm;
+use crate::sandbox::guest_spec::{self, Role};
 use crate::sandbox::{AgentConnection, Sandbox, SandboxError, RPC_TIMEOUT};
 
 /// How a process ended.

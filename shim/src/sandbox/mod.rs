@@ -15,8 +15,8 @@ mod dir;
 pub mod guest_spec;
 pub mod network;
 pub mod process_io;
-pub mod sizing;
 mod processes;
+pub mod sizing;
 pub mod templates;
 mod vsock;
 
