@@ -65,6 +65,7 @@ fn installed_files() -> Result<(), Failed> {
     for file in [
         "usr/bin/bulkhead",
         "usr/bin/containerd-shim-bulkhead-v2",
+        "usr/bin/bulkhead-runtime",
         "usr/bin/bulkhead-vmm",
         "usr/libexec/bulkhead/virtiofsd",
         "usr/share/bulkhead/vmlinux",

@@ -49,8 +49,8 @@ enum Task {
         out: PathBuf,
     },
     /// Build what to install: the guest (target/guest/) and the static
-    /// release binaries `bulkhead`, `containerd-shim-bulkhead-v2` and
-    /// `bulkhead-vmm` (target/static/x86_64-unknown-linux-gnu/release/).
+    /// release binaries `bulkhead`, `bulkhead-runtime`,
+    /// `containerd-shim-bulkhead-v2` and `bulkhead-vmm` (target/static/x86_64-unknown-linux-gnu/release/).
     Build,
     /// Build the Debian package (target/package/bulkhead_<version>_amd64.deb):
     /// the binaries, the guest, virtiofsd, a busybox image, the default

@@ -53,7 +53,12 @@ pub fn build() -> Result<PathBuf> {
     }
 
     let bins = workspace::release_bin_dir();
-    for bin in ["bulkhead", "containerd-shim-bulkhead-v2", "bulkhead-vmm"] {
+    for bin in [
+        "bulkhead",
+        "bulkhead-runtime",
+        "containerd-shim-bulkhead-v2",
+        "bulkhead-vmm",
+    ] {
         install(&bins.join(bin), &stage.join(layout::BIN).join(bin), 0o755)?;
     }
     install(

@@ -49,6 +49,9 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     // Egress policies (`bulkhead run --egress`) are nftables rules.
     "nftables",
+    // `bulkhead-runtime`'s end-to-end tests run real engines through it
+    // (podman brings conmon and crun).
+    "podman",
     // `cargo xtask package` (dpkg-deb is in every Debian) and its end-to-end
     // test, which installs the package into a fresh Debian 12 root.
     "debootstrap",

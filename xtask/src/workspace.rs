@@ -60,8 +60,8 @@ pub fn build_debug_vmm() -> Result<PathBuf> {
 /// build scripts and proc-macros, which must stay ordinary host code.
 pub const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
-/// Where `build_release_runtime` puts `bulkhead`, `containerd-shim-bulkhead-v2`
-/// and `bulkhead-vmm`, side by side (the CLI and the shim look for the VMM
+/// Where `build_release_runtime` puts `bulkhead`, `bulkhead-runtime`,
+/// `containerd-shim-bulkhead-v2` and `bulkhead-vmm`, side by side (the CLI and the shim look for the VMM
 /// next to themselves).
 pub fn release_bin_dir() -> PathBuf {
     root()
@@ -81,7 +81,7 @@ pub fn build_release_runtime() -> Result<()> {
 
 /// Builds the host binaries statically linked, into `release_bin_dir()`.
 ///
-/// - `bulkhead` and `containerd-shim-bulkhead-v2` are static and not
+/// - `bulkhead`, `bulkhead-runtime` and `containerd-shim-bulkhead-v2` are static and not
 ///   position-independent, like runc and containerd's own shims: a sandbox
 ///   start execs the CLI or the shim, and a dynamic PIE spends its first
 ///   milliseconds in the loader and on tens of thousands of relocations. Under
@@ -110,7 +110,11 @@ pub fn build_release_binaries() -> Result<()> {
     // each invocation's fingerprint stable, so a rebuild with nothing changed
     // compiles nothing.
     build("build", &["--package", "bulkhead-vmm"])?;
-    for bin in ["bulkhead", "containerd-shim-bulkhead-v2"] {
+    for bin in [
+        "bulkhead",
+        "bulkhead-runtime",
+        "containerd-shim-bulkhead-v2",
+    ] {
         let non_pie = ["--", "-C", "relocation-model=static"];
         build(
             "rustc",

@@ -191,9 +191,6 @@ pub enum Command {
         /// The bundle directory.
         #[arg(short = 'b', long, default_value = ".")]
         bundle: PathBuf,
-        /// Rootless spec: not supported.
-        #[arg(long)]
-        rootless: bool,
     },
     /// Not supported: checkpoint needs VM snapshots of a running container.
     Checkpoint {

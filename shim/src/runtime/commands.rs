@@ -166,7 +166,11 @@ pub fn start(root: &Root, id: &str) -> Result<()> {
         _ => bail!("cannot start an already running container: {id}"),
     }
     let socket = root.control_socket(id);
-    let mut stream = UnixStream::connect(&socket)
+    let reach = || {
+        let short = super::state::ShortPath::new(&socket)?;
+        UnixStream::connect(short.path())
+    };
+    let mut stream = reach()
         .with_context(|| format!("reaching container {id}'s keeper at {}", socket.display()))?;
     stream.set_read_timeout(Some(START_TIMEOUT))?;
     stream.write_all(b"start\n")?;

@@ -102,6 +102,8 @@ pub fn exec(root: &Root, args: &ExecArgs, global: &[OsString]) -> Result<i32> {
         );
         process_io::wait(&conn, &target, pumps).await
     });
+    // As in the keeper: the stdin copy's blocking read never returns.
+    runtime.shutdown_background();
     match outcome {
         Ok(code) => Ok(code),
         Err(e) => {

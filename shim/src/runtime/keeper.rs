@@ -65,6 +65,10 @@ pub fn main(root: Root, id: String, ready_fd: i32, console_socket: Option<PathBu
         }
     };
     let code = runtime.block_on(keep(&root, &id, &mut reporter));
+    // The copy from our stdin (a pty, or a pipe the engine keeps open) sits
+    // in a blocking read that never returns; dropping the runtime would wait
+    // for it forever.
+    runtime.shutdown_background();
     match code {
         Ok(code) => code,
         Err(e) => {
@@ -89,7 +93,9 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
     let control = root.control_socket(id);
     let listening = (|| {
         let _ = std::fs::remove_file(&control);
-        let listener = UnixListener::bind(&control)
+        let short = super::state::ShortPath::new(&control)
+            .with_context(|| format!("opening the directory of {}", control.display()))?;
+        let listener = UnixListener::bind(short.path())
             .with_context(|| format!("listening on {}", control.display()))?;
         let mut record = root.load(id)?;
         record.status = Status::Created;

@@ -159,7 +159,10 @@ impl Root {
         self.dir.join(id)
     }
 
-    /// The keeper's control socket of container `id`.
+    /// The keeper's control socket of container `id`: its real path, which
+    /// may be too long for a socket address (Docker's root and a 64-hex id
+    /// come to more than 108 bytes); bind and connect through
+    /// [`ShortPath`].
     pub fn control_socket(&self, id: &str) -> PathBuf {
         self.dir(id).join("keeper.sock")
     }
@@ -277,6 +280,36 @@ impl Root {
     }
 }
 
+/// A short name for a path whose directory may be too deep for a unix
+/// socket address: `/proc/self/fd/N/NAME`, through an open descriptor of
+/// the directory, valid while this lives.
+pub struct ShortPath {
+    _dir: std::fs::File,
+    path: PathBuf,
+}
+
+impl ShortPath {
+    /// The short name of `path`.
+    pub fn new(path: &Path) -> io::Result<ShortPath> {
+        use std::os::fd::AsRawFd;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let dir = std::fs::File::open(parent)?;
+        let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        Ok(ShortPath {
+            _dir: dir,
+            path: short,
+        })
+    }
+
+    /// The name to bind or connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Ids become directory and VM names: what runc allows, and not `.`/`..`.
 pub fn check_id(id: &str) -> Result<(), StateError> {
     let ok = !id.is_empty()
@@ -358,6 +391,21 @@ mod tests {
         r.keeper = Some((me, process_start_ticks(me).unwrap() + 1));
         assert_eq!(r.effective_status(), Status::Stopped);
         assert_eq!(r.oci_state()["pid"], 0);
+    }
+
+    #[test]
+    fn a_socket_deeper_than_an_address_allows_binds_and_connects() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("d".repeat(100)).join("e".repeat(64));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("keeper.sock");
+        assert!(path.as_os_str().len() > 108);
+        let short = ShortPath::new(&path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(short.path()).unwrap();
+        assert!(path.exists());
+        let other = ShortPath::new(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(other.path()).unwrap();
+        listener.accept().unwrap();
     }
 
     #[test]

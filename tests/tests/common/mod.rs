@@ -35,6 +35,16 @@ const ARTIFACT_VARS: [&str; 2] = ["BULKHEAD_VMM", "BULKHEAD_KERNEL"];
 /// hardware-style KVM; otherwise boots the emulated KVM host once and runs this
 /// same test binary inside it. Says which, loudly.
 pub fn main(name: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
+    main_with_host_vcpus(name, None, trials)
+}
+
+/// [`main`], with the emulated host (if one is booted) given `vcpus` rather
+/// than the harness's default.
+pub fn main_with_host_vcpus(
+    name: &str,
+    vcpus: Option<u32>,
+    trials: impl FnOnce() -> Vec<Trial>,
+) -> ExitCode {
     let mut args = Arguments::from_args();
     // One microVM at a time: they share the (emulated) host's two CPUs, and the
     // "nothing left running" checks look at the whole machine.
@@ -55,7 +65,7 @@ pub fn main(name: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
         }
         other => {
             println!("e2e {name}: this machine has {other}; booting the emulated KVM host to run the tests inside it");
-            relaunch_in_emulated_host()
+            relaunch_in_emulated_host(vcpus)
         }
     }
 }
@@ -117,7 +127,7 @@ fn with_own_state_root(f: impl FnOnce() -> ExitCode) -> ExitCode {
     code
 }
 
-fn relaunch_in_emulated_host() -> ExitCode {
+fn relaunch_in_emulated_host(vcpus: Option<u32>) -> ExitCode {
     let result = (|| -> anyhow::Result<i32> {
         let exe = std::env::current_exe()?;
         let mut argv = vec![exe.to_string_lossy().into_owned()];
@@ -140,7 +150,11 @@ fn relaunch_in_emulated_host() -> ExitCode {
         }
         // What a test binary prepared out here for its inside run.
         env.extend(std::env::vars().filter(|(k, _)| k.starts_with(E2E_VAR_PREFIX)));
-        let host = TestHost::builder().stall_timeout(STALL_TIMEOUT).build()?;
+        let mut builder = TestHost::builder().stall_timeout(STALL_TIMEOUT);
+        if let Some(n) = vcpus {
+            builder = builder.vcpus(n);
+        }
+        let host = builder.build()?;
         let outcome = host.run_retrying_stalls(&argv, &env, &std::env::current_dir()?, 2)?;
         Ok(outcome.exit_code)
     })();
