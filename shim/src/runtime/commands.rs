@@ -87,9 +87,13 @@ pub fn create(root: &Root, args: &CreateArgs, global: &[OsString]) -> Result<u32
     match started {
         Ok(pid) => Ok(pid),
         Err(e) => {
-            // The keeper cleaned up after itself (or was killed, and its VM
-            // died with it); what is left is ours.
-            cleanup(root, &record);
+            // A keeper that reported its failure cleaned up after itself
+            // (and what it found in its way, e.g. a sandbox directory of the
+            // same name, is not ours to remove); one that was killed left
+            // its VM's directory and mounts.
+            if e.downcast_ref::<handoff::Reported>().is_none() {
+                cleanup(root, &record);
+            }
             let _ = root.forget(&args.id);
             Err(e.context(format!("creating container {}", args.id)))
         }

@@ -17,6 +17,19 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+/// The started process reported that it failed (and cleaned up after
+/// itself): what it said.
+#[derive(Debug)]
+pub struct Reported(pub String);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Reported {}
+
 /// A started process that has not reported yet.
 pub struct Pending {
     /// The process.
@@ -63,10 +76,9 @@ impl Pending {
                 Ok(pid) => return Ok(pid),
                 Err(_) => Err(anyhow::anyhow!("a malformed report: {line:?}")),
             },
-            Ok(_) if line.starts_with("error ") => Err(anyhow::anyhow!(
-                "{}",
-                line[6..].trim_end().replace("\\n", "\n")
-            )),
+            Ok(_) if line.starts_with("error ") => Err(anyhow::Error::new(Reported(
+                line[6..].trim_end().replace("\\n", "\n"),
+            ))),
             Ok(_) => Err(anyhow::anyhow!(
                 "the container's process exited before it was ready"
             )),
