@@ -1,7 +1,8 @@
 //! The keeper: the host process that stands for a container's init. It boots
-//! the container's microVM on the engine's network namespace, shares the
-//! bundle's rootfs and the spec's host mounts, creates the container in the
-//! guest, and reports ready to `create`. On `start` (through its control
+//! the container's microVM on the engine's network namespace, runs the
+//! spec's host-side hooks (`prestart`, `createRuntime`: Docker wires its
+//! network there), shares the bundle's rootfs and the spec's host mounts,
+//! creates the container in the guest, and reports ready to `create`. On `start` (through its control
 //! socket) it starts the init, carries its stdio (the engine's pipes, or a
 //! pty sent to the engine's console socket), forwards the signals it gets,
 //! and when the init exits it records the status, stops the VM and exits
@@ -17,17 +18,18 @@ use bulkhead_protocol::agent::{
     CreateContainerRequest, RemoveContainerRequest, StartContainerRequest,
 };
 use bulkhead_protocol::ttrpc;
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Hook, Hooks, Spec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::handoff::Reporter;
-use super::state::{Root, Status};
+use super::state::{Record, Root, Status};
 use crate::config::Config;
 use crate::sandbox::artifacts::Artifacts;
 use crate::sandbox::bundle::BundleVm;
 use crate::sandbox::guest_spec::{self, Role};
+use crate::sandbox::host_hooks;
 use crate::sandbox::process_io::{self, OutputSinks, ProcessRef, Streams};
 use crate::sandbox::RPC_TIMEOUT;
 
@@ -86,6 +88,33 @@ struct Created {
     vm: BundleVm,
     process: ProcessRef,
     streams: Streams,
+    /// The spec's hooks, for poststart and poststop.
+    hooks: Hooks,
+}
+
+/// The runtime-spec state a hook reads on stdin.
+fn hook_state(record: &Record, status: &str, pid: Option<u32>) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": super::state::OCI_VERSION,
+        "id": record.id,
+        "status": status,
+        "pid": pid.unwrap_or(0),
+        "bundle": record.bundle,
+        "annotations": record.annotations,
+    })
+}
+
+/// Runs best-effort hooks (poststart, poststop: the runtime spec only logs
+/// their failures).
+async fn run_logged_hooks(stage: &'static str, hooks: Option<Vec<Hook>>, state: serde_json::Value) {
+    let Some(list) = hooks.filter(|l| !l.is_empty()) else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || host_hooks::run(stage, &list, &state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("{stage} hooks: {e}"),
+    }
 }
 
 async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
@@ -116,12 +145,21 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
         mut vm,
         process,
         streams,
+        hooks,
     } = created;
+    let record = root.load(id)?;
+    let vmm_pid = vm.sandbox.vmm_pid();
     let started = wait_for_start(&listener, &mut vm, id).await;
     let code = match started {
         Ok(Some(reply)) => {
             root.set_status(id, Status::Running, None);
             let _ = reply.send(Ok(()));
+            run_logged_hooks(
+                "poststart",
+                hooks.poststart().clone(),
+                hook_state(&record, "running", vmm_pid),
+            )
+            .await;
             let pumps = process_io::pump(
                 streams,
                 &process,
@@ -158,6 +196,12 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
         tracing::warn!(container = id, "RemoveContainer: {e}");
     }
     vm.stop().await;
+    run_logged_hooks(
+        "poststop",
+        hooks.poststop().clone(),
+        hook_state(&record, "stopped", None),
+    )
+    .await;
     let _ = std::fs::remove_file(&control);
     Ok(code)
 }
@@ -183,11 +227,32 @@ async fn create(root: &Root, id: &str) -> Result<Created> {
     let mut vm = BundleVm::boot(&sandbox_config, &spec)
         .await
         .with_context(|| format!("container {id}"))?;
-    match create_in_vm(&mut vm, id, &record.rootfs, spec).await {
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    let prepared = async {
+        // The runtime spec runs these after the namespaces exist and before
+        // the process starts; the VMM stands in the sandbox's network
+        // namespace, so its pid is the one they are told.
+        let state = hook_state(&record, "creating", vm.sandbox.vmm_pid());
+        for (stage, list) in [
+            ("prestart", hooks.prestart()),
+            ("createRuntime", hooks.create_runtime()),
+        ] {
+            let list = list.clone().unwrap_or_default();
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || host_hooks::run(stage, &list, &state))
+                .await
+                .context("running the hooks")?
+                .with_context(|| format!("container {id}"))?;
+        }
+        create_in_vm(&mut vm, id, &record.rootfs, spec).await
+    }
+    .await;
+    match prepared {
         Ok((process, streams)) => Ok(Created {
             vm,
             process,
             streams,
+            hooks,
         }),
         Err(e) => {
             vm.stop().await;

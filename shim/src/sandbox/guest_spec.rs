@@ -178,7 +178,11 @@ pub fn for_guest(mut spec: Spec, id: &str, role: &Role, sandbox_pid: Option<u32>
 
     if spec.hooks().is_some() {
         spec.set_hooks(None);
-        notes.push("OCI hooks dropped: they would run host binaries inside the guest".into());
+        notes.push(
+            "OCI hooks left out of the guest's spec: they are host binaries (bulkhead-runtime \
+             runs the host-side ones itself)"
+                .into(),
+        );
     }
 
     if let Some(linux) = spec.linux_mut() {

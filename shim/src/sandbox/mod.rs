@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod container_log;
 mod dir;
 pub mod guest_spec;
+pub mod host_hooks;
 pub mod network;
 pub mod process_io;
 mod processes;
