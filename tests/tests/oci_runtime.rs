@@ -40,6 +40,14 @@ fn main() -> ExitCode {
             ),
             common::trial("podman_publishes_a_port", podman_publishes_a_port),
             common::trial(
+                "docker_20_10_runs_in_a_microvm_on_its_bridge",
+                docker_runs_in_a_microvm_on_its_bridge,
+            ),
+            common::trial(
+                "docker_20_10_detached_publish_exec_rm",
+                docker_detached_publish_exec_rm,
+            ),
+            common::trial(
                 "runtime_lifecycle_as_go_runc_drives_it",
                 runtime_lifecycle_as_go_runc_drives_it,
             ),
@@ -365,6 +373,210 @@ fn http_get(addr: &str) -> std::io::Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// A private dockerd (Debian 12's 20.10, which starts its own containerd)
+/// with bulkhead-runtime registered as the runtime `bulkhead` by path, as a
+/// user would in daemon.json; everything it keeps is under one directory on
+/// /run (a tmpfs overlay2 can stack on).
+struct Dockerd {
+    dir: tempfile::TempDir,
+    daemon: Option<std::process::Child>,
+    wrapper_root: PathBuf,
+}
+
+impl Dockerd {
+    fn start() -> Result<Dockerd, Failed> {
+        let dir = tempfile::Builder::new()
+            .prefix("bh-dockerd-")
+            .tempdir_in("/run")?;
+        let d = dir.path();
+        let wrapper = d.join("bulkhead-runtime");
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("BULKHEAD_")) {
+            script += &format!("export {k}={}\n", bulkhead_tests::shell::quote(&v));
+        }
+        script += &format!(
+            "exec {} \"$@\"\n",
+            bulkhead_tests::shell::quote(&runtime_binary().to_string_lossy())
+        );
+        std::fs::write(&wrapper, script)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let config = serde_json::json!({
+            "runtimes": {"bulkhead": {"path": wrapper}},
+            "data-root": d.join("data"),
+            "exec-root": d.join("exec"),
+            "pidfile": d.join("dockerd.pid"),
+            "hosts": [format!("unix://{}", d.join("docker.sock").display())],
+            "storage-driver": "overlay2",
+        });
+        std::fs::write(d.join("daemon.json"), config.to_string())?;
+        let log = std::fs::File::create(d.join("dockerd.log"))?;
+        let daemon = Command::new("/usr/sbin/dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut dockerd = Dockerd {
+            // runc's state directory for this runtime, as dockerd names it.
+            wrapper_root: d.join("exec").join("runtime-runc").join("moby"),
+            dir,
+            daemon: Some(daemon),
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok((0, _)) = dockerd.run(&["version"]) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dockerd.dir.path().join("dockerd.log"))?;
+                dockerd.stop();
+                return Err(
+                    format!("dockerd did not come up: {}", process::tail_lines(&log, 20)).into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let rootfs = dockerd.dir.path().join("image-rootfs");
+        common::busybox_rootfs(&rootfs)?;
+        std::fs::create_dir_all(rootfs.join("www"))?;
+        std::fs::write(rootfs.join("www/index.html"), "served from the microVM\n")?;
+        // `docker import` of the rootfs: Docker 20.10 loads no OCI archives.
+        let mut import = Command::new("sh");
+        import.arg("-c").arg(format!(
+            "tar -C {} -c . | /usr/bin/docker -H unix://{} import - {DOCKER_IMAGE}",
+            bulkhead_tests::shell::quote(&rootfs.to_string_lossy()),
+            dockerd.dir.path().join("docker.sock").display()
+        ));
+        process::run(&mut import, DEADLINE)?;
+        Ok(dockerd)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<(i32, process::Output), Failed> {
+        let mut c = Command::new("/usr/bin/docker");
+        c.arg("-H")
+            .arg(format!(
+                "unix://{}",
+                self.dir.path().join("docker.sock").display()
+            ))
+            .args(args);
+        let (status, out) = process::run_status(&mut c, DEADLINE)?;
+        Ok((status.code().unwrap_or(-1), out))
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &daemon.id().to_string()])
+                .status();
+            if process::wait_deadline(&mut daemon, Instant::now() + Duration::from_secs(60))
+                .is_none()
+            {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+        }
+        // dockerd leaves its data root's mounts on a stop; they are its own.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.path().join("data"))
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Removes every container, stops dockerd, and checks nothing of ours is
+    /// left: no VM, virtiofsd, run directory, mount, veth or runtime state.
+    fn finish(mut self) -> Result<(), Failed> {
+        let _ = self.run(&["rm", "-f", "-v", "web"]);
+        self.stop();
+        wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd", "containerd-shim-runc-v2"])?;
+        let state = common::listing(&self.wrapper_root);
+        if !state.is_empty() {
+            return Err(format!("runtime state left: {state:?}").into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const DOCKER_IMAGE: &str = "bulkhead-busybox:test";
+
+fn docker_runs_in_a_microvm_on_its_bridge() -> Result<(), Failed> {
+    let docker = Dockerd::start()?;
+    let (code, out) = docker.run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "bulkhead",
+        DOCKER_IMAGE,
+        "sh",
+        "-c",
+        "uname -r; ip -4 -o addr show eth0; exit 4",
+    ])?;
+    if code != 4 {
+        return Err(format!("exit code {code}, want 4: {out:?}").into());
+    }
+    let mut lines = out.stdout.lines();
+    ran_in_guest(lines.next().unwrap_or(""))?;
+    // Docker wires eth0 in its prestart hook: the guest must have its address.
+    let eth0 = lines.next().unwrap_or("");
+    if !eth0.contains("inet 172.") {
+        return Err(format!("the guest's eth0 has not Docker's bridge address: {eth0:?}").into());
+    }
+    docker.finish()
+}
+
+fn docker_detached_publish_exec_rm() -> Result<(), Failed> {
+    let docker = Dockerd::start()?;
+    let port = 18081;
+    let (code, out) = docker.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--runtime",
+        "bulkhead",
+        "-p",
+        &format!("127.0.0.1:{port}:80"),
+        DOCKER_IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])?;
+    if code != 0 {
+        return Err(format!("docker run -d exited {code}: {}", out.stderr).into());
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match http_get(&format!("127.0.0.1:{port}")) {
+            Ok(body) if body.contains("served from the microVM") => break,
+            other if Instant::now() > deadline => {
+                return Err(format!("no answer on the published port: {other:?}").into())
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    let (code, exec) = docker.run(&["exec", "web", "sh", "-c", "uname -r; exit 6"])?;
+    if code != 6 {
+        return Err(format!("docker exec exited {code}, want 6: {exec:?}").into());
+    }
+    ran_in_guest(&exec.stdout)?;
+    let (code, out) = docker.run(&["rm", "-f", "web"])?;
+    if code != 0 {
+        return Err(format!("docker rm -f exited {code}: {}", out.stderr).into());
+    }
+    docker.finish()
 }
 
 /// A bundle with a busybox rootfs and `bulkhead-runtime spec`'s config,

@@ -5,6 +5,7 @@ mod boot;
 mod cli;
 mod ctr;
 mod net;
+mod oci;
 mod run;
 
 use anyhow::Result;
@@ -23,6 +24,9 @@ pub enum Which {
     /// Networking on the CNI bridge vs runc on the same bridge: TCP streams
     /// both ways, request rate, and what the network adds to start.
     Net,
+    /// podman with `--runtime bulkhead-runtime` vs runc and crun:
+    /// `podman run --rm IMAGE true`.
+    Oci,
 }
 
 /// Runs benchmark `which` with `runs` samples per side.
@@ -33,6 +37,7 @@ pub fn run(which: Which, runs: usize) -> Result<()> {
         Which::Ctr => ctr::run(runs),
         Which::Cli => cli::run(runs),
         Which::Net => net::run(runs),
+        Which::Oci => oci::run(runs),
     }
 }
 

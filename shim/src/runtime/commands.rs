@@ -61,6 +61,7 @@ pub fn create(root: &Root, args: &CreateArgs, global: &[OsString]) -> Result<u32
         exit_code: None,
         run_root: config.run_root.clone(),
         owns_netns: matches!(crate::sandbox::bundle::spec_netns(&spec), Some(None)),
+        host_cgroup: None,
     };
     let started = (|| {
         root.save(&record)?;
@@ -158,6 +159,24 @@ fn cleanup(root: &Root, record: &Record) {
         }
     }
     let _ = std::fs::remove_file(root.control_socket(&record.id));
+    // Re-read: the keeper records the cgroup it joined after create began.
+    let cgroup = root
+        .load(&record.id)
+        .ok()
+        .and_then(|r| r.host_cgroup)
+        .or_else(|| record.host_cgroup.clone());
+    if let Some(dir) = cgroup {
+        // The VMM and virtiofsd leave it a moment after the keeper.
+        for _ in 0..100 {
+            let empty = std::fs::read_to_string(dir.join("cgroup.procs"))
+                .map_or(true, |p| p.trim().is_empty());
+            if empty {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        super::host_cgroup::remove(&dir);
+    }
 }
 
 /// `start`: asks the keeper to start the init.

@@ -212,6 +212,20 @@ async fn create(root: &Root, id: &str) -> Result<Created> {
     let config_path = record.bundle.join("config.json");
     let spec =
         Spec::load(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    if let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+        // Before the VMM and virtiofsd start: they inherit it.
+        match super::host_cgroup::join(&path) {
+            Ok(Some(dir)) => {
+                let mut r = root.load(id)?;
+                r.host_cgroup = Some(dir);
+                root.save(&r)?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(container = id, cgroup = %path.display(), "joining the host cgroup: {e}")
+            }
+        }
+    }
     let config = Config::load().context("reading bulkhead's config")?;
     let artifacts = Artifacts::resolve(&config)?;
     let (vcpus, memory_mib) =

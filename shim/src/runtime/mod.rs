@@ -6,6 +6,7 @@
 //! - [`handoff`]: how `create` leaves a process behind for the engine;
 //! - [`keeper`]: that process, which holds the container's VM;
 //! - [`console`]: the pty sent to an engine's console socket;
+//! - [`host_cgroup`]: the spec's cgroup on the host, for the keeper and its VM;
 //! - [`commands`] and [`exec`]: the commands.
 //!
 //! The VM lifecycle is the sandbox core's ([`crate::sandbox::bundle`]), the
@@ -16,6 +17,7 @@ pub mod commands;
 pub mod console;
 pub mod exec;
 pub mod handoff;
+pub mod host_cgroup;
 pub mod keeper;
 pub mod state;
 

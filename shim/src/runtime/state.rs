@@ -74,6 +74,10 @@ pub struct Record {
     /// made under the run root (removed by `delete` if the keeper could not).
     #[serde(default)]
     pub owns_netns: bool,
+    /// The host cgroup the keeper joined (see [`super::host_cgroup`]),
+    /// removed by `delete`.
+    #[serde(default)]
+    pub host_cgroup: Option<PathBuf>,
 }
 
 impl Record {
@@ -346,6 +350,7 @@ mod tests {
             exit_code: None,
             run_root: "/run/bulkhead".into(),
             owns_netns: false,
+            host_cgroup: None,
         }
     }
 
