@@ -303,6 +303,24 @@ fn podman_detached_logs_exec_stop_rm() -> Result<(), Failed> {
     if !ps.stdout.contains("d1 Up") {
         return Err(format!("podman ps does not show d1 up: {ps:?}").into());
     }
+    // The pid podman knows stands for the container, and it and the VM are
+    // in the container's host cgroup, as runc's processes would be.
+    let (_, pid) = podman.run(&["inspect", "--format", "{{.State.Pid}}", "d1"])?;
+    let cgroup_of = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim())).unwrap_or_default()
+    };
+    let keeper_cgroup = cgroup_of(&pid.stdout);
+    if !keeper_cgroup.contains("libpod") {
+        return Err(format!("pid {} is in cgroup {keeper_cgroup:?}", pid.stdout.trim()).into());
+    }
+    for vmm in common::processes_named("bulkhead-vmm") {
+        let vmm_cgroup = cgroup_of(&vmm.to_string());
+        if vmm_cgroup != keeper_cgroup {
+            return Err(
+                format!("the VMM is in {vmm_cgroup:?}, its keeper in {keeper_cgroup:?}").into(),
+            );
+        }
+    }
     let (code, exec) = podman.run(&["exec", "d1", "sh", "-c", "uname -r; exit 5"])?;
     if code != 5 {
         return Err(format!("exec exited {code}, want 5: {exec:?}").into());

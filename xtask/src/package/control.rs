@@ -131,7 +131,8 @@ pub fn write_debian_dir(stage: &Path, depends: &[String], conffiles: &[&str]) ->
          a minimal guest kernel, so that code escaping its container lands in a\n \
          throw-away guest kernel, not on the host. It ships the `bulkhead` CLI\n \
          (docker-like, no daemon), the containerd shim `io.containerd.bulkhead.v2`\n \
-         (Kubernetes RuntimeClass, nerdctl, Docker 23+), its own VMM, the guest\n \
+         (Kubernetes RuntimeClass, nerdctl, Docker 23+), `bulkhead-runtime` with\n \
+         runc's command line (podman, Docker 20.10), its own VMM, the guest\n \
          kernel and agent, and a busybox image. Needs /dev/kvm.\n",
         installed_size_kib(stage)?,
         depends.join(", ")

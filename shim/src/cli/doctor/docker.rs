@@ -1,11 +1,14 @@
-//! Whether an installed Docker engine can use bulkhead's containerd shim.
+//! Whether an installed Docker engine can run containers in bulkhead
+//! microVMs, and how.
 //!
 //! Docker 23 and newer hand a `--runtime io.containerd.bulkhead.v2` (or a
 //! daemon.json runtime with that `runtimeType`) to containerd, which starts
 //! our shim. Docker 20.10, Debian 12's `docker.io`, has no `runtimeType`: it
 //! ignores the field and runs such containers with runc on the host kernel, no
-//! microVM and no warning. The one thing worse than no isolation is believing
-//! you have it, so doctor says so whenever it finds such a dockerd.
+//! microVM and no warning. What 20.10 does take is a runtime binary with
+//! runc's command line (`"path"`), which `bulkhead-runtime` is. The one thing
+//! worse than no isolation is believing you have it, so doctor says which of
+//! these it finds.
 
 use std::path::Path;
 
@@ -16,6 +19,11 @@ use crate::sandbox::artifacts::on_path;
 const DAEMON_JSON: &str = "/etc/docker/daemon.json";
 /// The first Docker release whose daemon passes `runtimeType` to containerd.
 const FIRST_WORKING_MAJOR: u32 = 23;
+/// The runc-compatible runtime binary.
+const RUNTIME_BINARY: &str = "bulkhead-runtime";
+/// The daemon.json lines that register it.
+const PATH_REGISTRATION: &str =
+    r#""runtimes": {"bulkhead": {"path": "/usr/bin/bulkhead-runtime"}}"#;
 
 /// The docker check, or `None` when no `dockerd` is on `PATH` (nothing to say).
 pub(super) fn check_docker() -> Option<Check> {
@@ -39,33 +47,39 @@ pub(super) fn docker_check(version_line: &str, daemon_json: Option<&str>) -> Che
         .split('.')
         .next()
         .and_then(|m| m.parse::<u32>().ok());
-    let registered = daemon_json.is_some_and(registers_bulkhead);
-    match major {
-        Some(m) if m >= FIRST_WORKING_MAJOR => Check::ok(
+    let registration = daemon_json.map_or(Registration::None, registration);
+    match (major, registration) {
+        (_, Registration::RuntimeBinary(name)) => Check::ok(
+            "docker",
+            format!(
+                "dockerd {version}: `docker run --runtime {name}` runs in a microVM through {RUNTIME_BINARY}"
+            ),
+        ),
+        (Some(m), _) if m >= FIRST_WORKING_MAJOR => Check::ok(
             "docker",
             format!(
                 "dockerd {version}: `docker run --runtime {}` runs in a microVM (the shim must be on dockerd's PATH)",
                 super::RUNTIME_TYPE
             ),
         ),
-        _ => Check::warn(
+        (_, registered) => Check::warn(
             "docker",
             format!(
                 "dockerd {version} ignores a runtime's `runtimeType`: containers it is asked to run with \
                  bulkhead's shim run with runc on the host kernel, with no microVM and no warning{}",
-                if registered {
-                    format!(" ({DAEMON_JSON} registers bulkhead: those containers are NOT isolated)")
+                if registered == Registration::Shim {
+                    format!(" ({DAEMON_JSON} registers bulkhead's shim: those containers are NOT isolated)")
                 } else {
                     String::new()
                 }
             ),
             format!(
-                "use Docker {FIRST_WORKING_MAJOR} or newer for `docker run --runtime`; with this dockerd, run \
-                 containers with `bulkhead run`, nerdctl or ctr{}",
-                if registered {
-                    format!(", and remove the bulkhead runtime from {DAEMON_JSON}")
+                "register {RUNTIME_BINARY} by path in {DAEMON_JSON} ({PATH_REGISTRATION}), restart \
+                 dockerd and use `docker run --runtime bulkhead`{}; or use Docker {FIRST_WORKING_MAJOR} or newer",
+                if registered == Registration::Shim {
+                    ", in place of the shim's entry"
                 } else {
-                    String::new()
+                    ""
                 }
             ),
         ),
@@ -79,21 +93,39 @@ fn docker_version(line: &str) -> Option<&str> {
         .map(|w| w.trim_end_matches(','))
 }
 
-/// Whether a daemon.json names bulkhead's runtime type or shim anywhere in its
-/// `runtimes`.
-fn registers_bulkhead(daemon_json: &str) -> bool {
+/// How a daemon.json registers bulkhead.
+#[derive(Debug, PartialEq, Eq)]
+enum Registration {
+    /// Not at all.
+    None,
+    /// The containerd shim (its runtime type or binary): Docker 23+ only.
+    Shim,
+    /// `bulkhead-runtime` by path, under this runtime name: any Docker.
+    RuntimeBinary(String),
+}
+
+/// How a daemon.json's `runtimes` register bulkhead.
+fn registration(daemon_json: &str) -> Registration {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(daemon_json) else {
-        return false;
+        return Registration::None;
     };
     let Some(runtimes) = value.get("runtimes").and_then(|r| r.as_object()) else {
-        return false;
+        return Registration::None;
     };
-    runtimes.values().any(|runtime| {
-        let field = |name| runtime.get(name).and_then(|v| v.as_str()).unwrap_or("");
-        field("runtimeType") == super::RUNTIME_TYPE
+    let mut found = Registration::None;
+    for (name, runtime) in runtimes {
+        let field = |f| runtime.get(f).and_then(|v| v.as_str()).unwrap_or("");
+        if Path::new(field("path")).ends_with(RUNTIME_BINARY) {
+            return Registration::RuntimeBinary(name.clone());
+        }
+        if field("runtimeType") == super::RUNTIME_TYPE
             || Path::new(field("path")).ends_with(super::SHIM_BINARY)
             || Path::new(field("runtimeType")).ends_with(super::SHIM_BINARY)
-    })
+        {
+            found = Registration::Shim;
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -111,7 +143,9 @@ mod tests {
         assert_eq!(check.status, Status::Warn);
         assert!(check.detail.contains("20.10.24+dfsg1"), "{}", check.detail);
         assert!(check.detail.contains("runc on the host kernel"));
-        assert!(check.fix.unwrap().contains("Docker 23 or newer"));
+        let fix = check.fix.unwrap();
+        assert!(fix.contains("bulkhead-runtime"), "{fix}");
+        assert!(fix.contains("Docker 23 or newer"), "{fix}");
     }
 
     #[test]
@@ -119,7 +153,7 @@ mod tests {
         let check = docker_check(DEBIAN_12, Some(REGISTERED));
         assert_eq!(check.status, Status::Warn);
         assert!(check.detail.contains("NOT isolated"), "{}", check.detail);
-        assert!(check.fix.unwrap().contains("remove the bulkhead runtime"));
+        assert!(check.fix.unwrap().contains("in place of the shim's entry"));
     }
 
     #[test]
@@ -134,20 +168,36 @@ mod tests {
     }
 
     #[test]
+    fn docker_20_10_with_the_runtime_binary_by_path_is_fine() {
+        let json = r#"{"runtimes": {"vm": {"path": "/usr/bin/bulkhead-runtime"}}}"#;
+        let check = docker_check(DEBIAN_12, Some(json));
+        assert_eq!(check.status, Status::Ok);
+        assert!(check.detail.contains("--runtime vm"), "{}", check.detail);
+    }
+
+    #[test]
     fn an_unreadable_version_is_not_taken_for_a_good_one() {
         assert_eq!(docker_check("dockerd", None).status, Status::Warn);
     }
 
     #[test]
     fn registrations_by_type_or_path_are_found() {
-        assert!(registers_bulkhead(REGISTERED));
-        assert!(registers_bulkhead(
-            r#"{"runtimes": {"b": {"path": "/usr/bin/containerd-shim-bulkhead-v2"}}}"#
-        ));
-        assert!(!registers_bulkhead(
-            r#"{"runtimes": {"runsc": {"path": "/usr/bin/runsc"}}}"#
-        ));
-        assert!(!registers_bulkhead("not json"));
-        assert!(!registers_bulkhead("{}"));
+        assert_eq!(registration(REGISTERED), Registration::Shim);
+        assert_eq!(
+            registration(
+                r#"{"runtimes": {"b": {"path": "/usr/bin/containerd-shim-bulkhead-v2"}}}"#
+            ),
+            Registration::Shim
+        );
+        assert_eq!(
+            registration(r#"{"runtimes": {"b": {"path": "/usr/bin/bulkhead-runtime"}}}"#),
+            Registration::RuntimeBinary("b".into())
+        );
+        assert_eq!(
+            registration(r#"{"runtimes": {"runsc": {"path": "/usr/bin/runsc"}}}"#),
+            Registration::None
+        );
+        assert_eq!(registration("not json"), Registration::None);
+        assert_eq!(registration("{}"), Registration::None);
     }
 }
