@@ -48,6 +48,14 @@ fn main() -> ExitCode {
                 docker_detached_publish_exec_rm,
             ),
             common::trial(
+                "buildah_runs_a_containerfiles_run_steps_in_microvms",
+                buildah_runs_run_steps_in_microvms,
+            ),
+            common::trial(
+                "containerds_runc_shim_runs_it_as_runc_binary",
+                containerds_runc_shim_runs_it_as_runc_binary,
+            ),
+            common::trial(
                 "runtime_lifecycle_as_go_runc_drives_it",
                 runtime_lifecycle_as_go_runc_drives_it,
             ),
@@ -72,9 +80,8 @@ fn runtime_binary() -> PathBuf {
 }
 
 /// A private podman: its own storage and run directories (on /run, a tmpfs
-/// overlayfs can stack on), the busybox image loaded, and a wrapper as its
-/// runtime that hands our artifact variables to bulkhead-runtime (conmon
-/// passes the runtime almost no environment).
+/// overlayfs can stack on), the busybox image loaded, and
+/// [`runtime_wrapper`] as its runtime.
 struct Podman {
     dir: tempfile::TempDir,
     wrapper: PathBuf,
@@ -87,19 +94,13 @@ impl Podman {
             .prefix("bulkhead-podman-")
             .tempdir_in("/run")?;
         let state_root = dir.path().join("runtime-state");
-        let wrapper = dir.path().join("bulkhead-runtime");
-        let mut script = String::from("#!/bin/sh\n");
-        for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("BULKHEAD_")) {
-            script += &format!("export {k}={}\n", bulkhead_tests::shell::quote(&v));
-        }
-        script += &format!(
-            "exec {} --root {} \"$@\"\n",
-            bulkhead_tests::shell::quote(&runtime_binary().to_string_lossy()),
-            bulkhead_tests::shell::quote(&state_root.to_string_lossy())
-        );
-        std::fs::write(&wrapper, script)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let wrapper = runtime_wrapper(
+            dir.path(),
+            &format!(
+                "--root {}",
+                bulkhead_tests::shell::quote(&state_root.to_string_lossy())
+            ),
+        )?;
         let podman = Podman {
             dir,
             wrapper,
@@ -409,18 +410,7 @@ impl Dockerd {
             .prefix("bh-dockerd-")
             .tempdir_in("/run")?;
         let d = dir.path();
-        let wrapper = d.join("bulkhead-runtime");
-        let mut script = String::from("#!/bin/sh\n");
-        for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("BULKHEAD_")) {
-            script += &format!("export {k}={}\n", bulkhead_tests::shell::quote(&v));
-        }
-        script += &format!(
-            "exec {} \"$@\"\n",
-            bulkhead_tests::shell::quote(&runtime_binary().to_string_lossy())
-        );
-        std::fs::write(&wrapper, script)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let wrapper = runtime_wrapper(d, "")?;
         let config = serde_json::json!({
             "runtimes": {"bulkhead": {"path": wrapper}},
             "data-root": d.join("data"),
@@ -595,6 +585,139 @@ fn docker_detached_publish_exec_rm() -> Result<(), Failed> {
         return Err(format!("docker rm -f exited {code}: {}", out.stderr).into());
     }
     docker.finish()
+}
+
+/// A wrapper script around bulkhead-runtime in `dir` that hands it our
+/// `BULKHEAD_*` variables (engines pass their runtime little environment)
+/// and `extra` arguments before the engine's.
+fn runtime_wrapper(dir: &Path, extra: &str) -> Result<PathBuf, Failed> {
+    let wrapper = dir.join("bulkhead-runtime");
+    let mut script = String::from("#!/bin/sh\n");
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("BULKHEAD_")) {
+        script += &format!("export {k}={}\n", bulkhead_tests::shell::quote(&v));
+    }
+    script += &format!(
+        "exec {} {extra} \"$@\"\n",
+        bulkhead_tests::shell::quote(&runtime_binary().to_string_lossy())
+    );
+    std::fs::write(&wrapper, script)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    Ok(wrapper)
+}
+
+fn buildah_runs_run_steps_in_microvms() -> Result<(), Failed> {
+    let dir = tempfile::Builder::new()
+        .prefix("bh-buildah-")
+        .tempdir_in("/run")?;
+    let d = dir.path();
+    let state = d.join("runtime-state");
+    let wrapper = runtime_wrapper(
+        d,
+        &format!(
+            "--root {}",
+            bulkhead_tests::shell::quote(&state.to_string_lossy())
+        ),
+    )?;
+    let buildah = |args: &[&str]| -> Result<process::Output, Failed> {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(d.join("storage"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .args(args);
+        Ok(process::run(&mut c, DEADLINE)?)
+    };
+    let rootfs = d.join("rootfs");
+    common::busybox_rootfs(&rootfs)?;
+    let container = buildah(&["from", "scratch"])?.stdout.trim().to_owned();
+    buildah(&["copy", &container, &format!("{}/", rootfs.display()), "/"])?;
+    buildah(&["commit", &container, "localhost/bulkhead-busybox:base"])?;
+    let context = d.join("context");
+    std::fs::create_dir_all(&context)?;
+    std::fs::write(
+        context.join("Containerfile"),
+        "FROM localhost/bulkhead-busybox:base\n\
+         RUN uname -r > /built-on && echo step-one >> /built-on\n\
+         RUN echo step-two >> /built-on\n",
+    )?;
+    buildah(&[
+        "bud",
+        "--runtime",
+        &wrapper.to_string_lossy(),
+        "--isolation",
+        "oci",
+        "-t",
+        "localhost/built:test",
+        &context.to_string_lossy(),
+    ])?;
+    let built = buildah(&["from", "localhost/built:test"])?
+        .stdout
+        .trim()
+        .to_owned();
+    let mount = buildah(&["mount", &built])?.stdout.trim().to_owned();
+    let content = std::fs::read_to_string(Path::new(&mount).join("built-on"))?;
+    let _ = buildah(&["umount", &built]);
+    let _ = buildah(&["rm", "--all"]);
+    let mut lines = content.lines();
+    ran_in_guest(lines.next().unwrap_or(""))?;
+    if lines.collect::<Vec<_>>() != ["step-one", "step-two"] {
+        return Err(format!("the RUN steps' file in the image: {content:?}").into());
+    }
+    let _ = Command::new("umount")
+        .arg("-R")
+        .arg(d.join("storage"))
+        .stderr(Stdio::null())
+        .status();
+    wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd"])?;
+    let left = common::listing(&state);
+    if !left.is_empty() {
+        return Err(format!("runtime state left: {left:?}").into());
+    }
+    Ok(())
+}
+
+fn containerds_runc_shim_runs_it_as_runc_binary() -> Result<(), Failed> {
+    use bulkhead_tests::containerd::{ContainerdOptions, PrivateContainerd};
+    let dir = tempfile::Builder::new()
+        .prefix("bh-ctr-")
+        .tempdir_in("/run")?;
+    let wrapper = runtime_wrapper(dir.path(), "")?;
+    let rootfs = dir.path().join("rootfs");
+    common::busybox_rootfs(&rootfs)?;
+    let archive = dir.path().join("image.tar");
+    let image = "docker.io/library/bulkhead-busybox:test";
+    write_image_archive(
+        &rootfs,
+        image,
+        &ImageConfig::default(),
+        LayerCompression::Gzip,
+        &archive,
+    )?;
+    let mut opts = ContainerdOptions::new("registry.k8s.io/pause:unused");
+    opts.cri = false;
+    // The snapshotter's overlay needs an upper directory off overlayfs.
+    opts.temp_parent = Some(PathBuf::from("/run"));
+    let daemon = PrivateContainerd::start(opts)?;
+    daemon.import_image("default", &archive)?;
+    let mut run = daemon.ctr(["run", "--rm", "--runtime", "io.containerd.runc.v2"]);
+    run.arg("--runc-binary")
+        .arg(&wrapper)
+        .args([image, "t1", "sh", "-c", "uname -r; exit 9"]);
+    let (status, out) = process::run_status(&mut run, DEADLINE)?;
+    let code = status.code().unwrap_or(-1);
+    let log = daemon.log_path().to_owned();
+    daemon.stop()?;
+    if code != 9 {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        return Err(format!(
+            "ctr run --runc-binary exited {code}, want 9: {out:?}\ncontainerd: {}",
+            process::tail_lines(&log, 20)
+        )
+        .into());
+    }
+    ran_in_guest(&out.stdout)?;
+    wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd", "containerd-shim-runc-v2"])
 }
 
 /// A bundle with a busybox rootfs and `bulkhead-runtime spec`'s config,

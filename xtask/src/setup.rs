@@ -50,9 +50,10 @@ pub const PACKAGES: &[&str] = &[
     // Egress policies (`bulkhead run --egress`) are nftables rules.
     "nftables",
     // `bulkhead-runtime`'s end-to-end tests run real engines through it:
-    // podman (it brings conmon and crun) and Docker 20.10.
+    // podman (it brings conmon and crun), Docker 20.10 and buildah.
     "podman",
     "docker.io",
+    "buildah",
     // `cargo xtask package` (dpkg-deb is in every Debian) and its end-to-end
     // test, which installs the package into a fresh Debian 12 root.
     "debootstrap",
