@@ -19,6 +19,7 @@ pub mod exec;
 pub mod handoff;
 pub mod host_cgroup;
 pub mod keeper;
+pub mod log_format;
 pub mod state;
 
 use std::ffi::OsString;
@@ -283,11 +284,14 @@ fn init_logging(cli: &Cli, command: &Command) {
     else {
         return;
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
-        .try_init();
+        .with_writer(std::sync::Mutex::new(file));
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.event_format(log_format::RuncJson).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }
 
 /// An error on stderr (podman shows it) and, with `--log`, in runc's log
