@@ -88,7 +88,9 @@ pub fn exec(root: &Root, args: &ExecArgs, global: &[OsString]) -> Result<i32> {
         reply.with_context(|| format!("exec in container {}", record.id))?;
         let streams = streams?;
         if let Some(r) = reporter.as_mut() {
-            r.ready(std::process::id());
+            // A parent gone by now leaves the process to run unwatched, as
+            // runc's would; its output still goes where the engine said.
+            let _ = r.ready(std::process::id());
         } else if let Some(path) = &args.pid_file {
             handoff::write_pid_file(path, std::process::id())?;
         }

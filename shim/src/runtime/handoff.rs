@@ -112,20 +112,23 @@ impl Reporter {
         Ok(Reporter(Some(stream)))
     }
 
-    /// Reports success: the parent writes `pid` to its pid file.
-    pub fn ready(&mut self, pid: u32) {
-        self.send(&format!("ok {pid}\n"));
+    /// Reports success: the parent writes `pid` to its pid file. False if
+    /// the parent is gone (killed, or gave up at its deadline): nobody will
+    /// learn our pid, so nobody will start or delete us.
+    pub fn ready(&mut self, pid: u32) -> bool {
+        self.send(&format!("ok {pid}\n"))
     }
 
     /// Reports failure with `error`'s whole chain.
     pub fn failed(&mut self, error: &anyhow::Error) {
         let text = format!("{error:#}").replace('\n', "\\n");
-        self.send(&format!("error {text}\n"));
+        let _ = self.send(&format!("error {text}\n"));
     }
 
-    fn send(&mut self, line: &str) {
-        if let Some(mut s) = self.0.take() {
-            let _ = s.write_all(line.as_bytes());
+    fn send(&mut self, line: &str) -> bool {
+        match self.0.take() {
+            Some(mut s) => s.write_all(line.as_bytes()).is_ok(),
+            None => false,
         }
     }
 }

@@ -138,15 +138,25 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
             return Err(e);
         }
     };
-    reporter.ready(std::process::id());
-    tracing::info!(container = id, "created; waiting for start");
-
+    let reported = reporter.ready(std::process::id());
     let Created {
         mut vm,
         process,
         streams,
         hooks,
     } = created;
+    if !reported {
+        tracing::warn!(
+            container = id,
+            "create went away before it learned of us; tearing down"
+        );
+        root.set_status(id, Status::Stopped, Some(255));
+        vm.stop().await;
+        let _ = std::fs::remove_file(&control);
+        return Ok(255);
+    }
+    tracing::info!(container = id, "created; waiting for start");
+
     let record = root.load(id)?;
     let vmm_pid = vm.sandbox.vmm_pid();
     let started = wait_for_start(&listener, &mut vm, id).await;
