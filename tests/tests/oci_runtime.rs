@@ -766,7 +766,7 @@ fn runtime_lifecycle_as_go_runc_drives_it() -> Result<(), Failed> {
         &[
             "sh",
             "-c",
-            "uname -r; trap 'exit 3' TERM; while true; do sleep 1; done",
+            "uname -r; trap 'echo got-usr1' USR1; trap 'exit 3' TERM; while true; do sleep 1; done",
         ],
     )?;
     let pid_file = dir.path().join("pid");
@@ -819,6 +819,20 @@ fn runtime_lifecycle_as_go_runc_drives_it() -> Result<(), Failed> {
     let (status, _) = status_of(&root, "c1")?;
     if status != "running" {
         return Err(format!("after start: {status}").into());
+    }
+    // A signal sent to the pid the engine knows reaches the init, as with
+    // runc (where that pid is the init).
+    let _ = Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status();
+    // Well inside the emulated host's no-output limit: a lost signal is a
+    // failure here, not a stalled host.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&out_file)?.contains("got-usr1") {
+        if Instant::now() > deadline {
+            return Err("SIGUSR1 to the keeper did not reach the container".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
     let (code, out) = runtime(&root, &["delete", "c1"])?;
     if code == 0 || !out.stderr.contains("not stopped") {

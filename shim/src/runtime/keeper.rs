@@ -118,6 +118,7 @@ async fn run_logged_hooks(stage: &'static str, hooks: Option<Vec<Hook>>, state: 
 }
 
 async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
+    process_io::catch_forwarded_signals().context("handling signals")?;
     let created = create(root, id).await?;
     let control = root.control_socket(id);
     let listening = (|| {

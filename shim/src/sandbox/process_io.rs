@@ -224,31 +224,60 @@ fn describe(process: &ProcessRef) -> String {
     }
 }
 
-/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the process, and the window
-/// size (now and on SIGWINCH) to its pty. Only returns on failure.
+/// The signals passed on to the guest process: what a user or an engine may
+/// send the host process that stands for it (runc's init would get them
+/// all); SIGCHLD, SIGWINCH (a resize) and the job-control ones stay ours,
+/// and so does SIGPIPE (ours comes from our own writes to a closed output).
+const FORWARDED_SIGNALS: [i32; 7] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+
+/// Takes over [`FORWARDED_SIGNALS`] for this process now, so none of them
+/// kills it by default action before [`wait`] forwards them (tokio keeps a
+/// handler once registered). For a process that stands for a guest process
+/// from before that process starts.
+pub fn catch_forwarded_signals() -> std::io::Result<()> {
+    for number in FORWARDED_SIGNALS {
+        drop(signal(SignalKind::from_raw(number))?);
+    }
+    Ok(())
+}
+
+/// Forwards [`FORWARDED_SIGNALS`] to the process, and the window size (now
+/// and on SIGWINCH) to its pty. Only returns on failure.
 async fn forward_signals(conn: &AgentConnection, process: &ProcessRef) -> anyhow::Error {
-    let setup = || -> std::io::Result<_> {
-        Ok((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::quit())?,
-            signal(SignalKind::window_change())?,
-        ))
-    };
-    let (mut int, mut term, mut hup, mut quit, mut winch) = match setup() {
+    // Each forwarded signal's stream feeds one channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    for number in FORWARDED_SIGNALS {
+        let mut stream = match signal(SignalKind::from_raw(number)) {
+            Ok(s) => s,
+            Err(e) => return anyhow::anyhow!("cannot handle signal {number}: {e}"),
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(number).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut winch = match signal(SignalKind::window_change()) {
         Ok(s) => s,
-        Err(e) => return anyhow::anyhow!("cannot handle signals: {e}"),
+        Err(e) => return anyhow::anyhow!("cannot handle SIGWINCH: {e}"),
     };
     if process.terminal {
         resize(conn, process).await;
     }
     loop {
         let number = tokio::select! {
-            _ = int.recv() => libc::SIGINT,
-            _ = term.recv() => libc::SIGTERM,
-            _ = hup.recv() => libc::SIGHUP,
-            _ = quit.recv() => libc::SIGQUIT,
+            Some(number) = rx.recv() => number,
             _ = winch.recv() => {
                 if process.terminal {
                     resize(conn, process).await;
