@@ -158,7 +158,13 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
     }
     tracing::info!(container = id, "created; waiting for start");
 
-    let record = root.load(id)?;
+    let record = match root.load(id) {
+        Ok(r) => r,
+        Err(e) => {
+            vm.stop().await;
+            return Err(e.into());
+        }
+    };
     let vmm_pid = vm.sandbox.vmm_pid();
     let started = wait_for_start(&listener, &mut vm, id).await;
     let code = match started {
