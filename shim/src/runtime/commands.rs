@@ -272,8 +272,8 @@ pub async fn kill(root: &Root, id: &str, signal: &str, all: bool) -> Result<()> 
     Ok(())
 }
 
-/// `delete`: removes a stopped container (any container with `--force`,
-/// killing it first) and everything it left.
+/// `delete`: removes a stopped or created container (a running one with
+/// `--force`), killing its keeper first, and everything it left.
 pub fn delete(root: &Root, id: &str, force: bool) -> Result<()> {
     let record = match root.load(id) {
         Ok(r) => r,
@@ -282,7 +282,9 @@ pub fn delete(root: &Root, id: &str, force: bool) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let status = record.effective_status();
-    if status != Status::Stopped && !force {
+    // runc deletes a created container (killing its waiting init) without
+    // --force; a running or paused one needs it.
+    if matches!(status, Status::Running | Status::Paused) && !force {
         bail!(
             "cannot delete container {id} that is not stopped: {}",
             status.as_str()
