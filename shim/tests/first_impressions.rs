@@ -19,6 +19,38 @@ fn text(bytes: &[u8]) -> String {
 
 const CLI: &str = env!("CARGO_BIN_EXE_bulkhead");
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-bulkhead-v2");
+const RUNTIME: &str = env!("CARGO_BIN_EXE_bulkhead-runtime");
+
+#[test]
+fn the_runtime_answers_like_runc_without_kvm() {
+    // Engines read the first line of `--version` (podman info, docker info).
+    for flag in ["-v", "--version"] {
+        let out = run(RUNTIME, &[flag], &[]);
+        assert!(out.status.success(), "{flag}: {out:?}");
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!(
+                "bulkhead-runtime version {}\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{stdout}"
+        );
+    }
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().to_str().unwrap();
+    let out = run(RUNTIME, &["--root", root, "list", "--format", "json"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "[]\n");
+    // An unknown container: runc's wording, exit 1.
+    let out = run(RUNTIME, &["--root", root, "state", "nope"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("container nope does not exist"));
+    let out = run(RUNTIME, &["features"], &[]);
+    let features: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(features["ociVersionMax"], "1.0.2");
+    let out = run(RUNTIME, &["frobnicate"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
 
 #[test]
 fn the_shim_prints_its_version_without_containerd() {
