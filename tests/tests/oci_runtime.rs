@@ -155,12 +155,7 @@ impl Podman {
     fn finish(self) -> Result<(), Failed> {
         let _ = self.run(&["rm", "-af", "-t", "0"]);
         let _ = self.run(&["system", "reset", "-f"]);
-        wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd", "conmon"])?;
-        let state = common::listing(&self.state_root);
-        if !state.is_empty() {
-            return Err(format!("runtime state left: {state:?}").into());
-        }
-        Ok(())
+        nothing_left_with_state(&["bulkhead-vmm", "virtiofsd", "conmon"], &self.state_root)
     }
 }
 
@@ -175,6 +170,16 @@ fn wait_for_nothing_left(processes: &[&str]) -> Result<(), Failed> {
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }
+}
+
+/// [`wait_for_nothing_left`], and no runtime state left under `state`.
+fn nothing_left_with_state(processes: &[&str], state: &Path) -> Result<(), Failed> {
+    wait_for_nothing_left(processes)?;
+    let left = common::listing(state);
+    if !left.is_empty() {
+        return Err(format!("runtime state left under {}: {left:?}", state.display()).into());
+    }
+    Ok(())
 }
 
 fn host_kernel() -> String {
@@ -500,12 +505,10 @@ impl Dockerd {
     fn finish(mut self) -> Result<(), Failed> {
         let _ = self.run(&["rm", "-f", "-v", "web"]);
         self.stop();
-        wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd", "containerd-shim-runc-v2"])?;
-        let state = common::listing(&self.wrapper_root);
-        if !state.is_empty() {
-            return Err(format!("runtime state left: {state:?}").into());
-        }
-        Ok(())
+        nothing_left_with_state(
+            &["bulkhead-vmm", "virtiofsd", "containerd-shim-runc-v2"],
+            &self.wrapper_root,
+        )
     }
 }
 
@@ -669,12 +672,7 @@ fn buildah_runs_run_steps_in_microvms() -> Result<(), Failed> {
         .arg(d.join("storage"))
         .stderr(Stdio::null())
         .status();
-    wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd"])?;
-    let left = common::listing(&state);
-    if !left.is_empty() {
-        return Err(format!("runtime state left: {left:?}").into());
-    }
-    Ok(())
+    nothing_left_with_state(&["bulkhead-vmm", "virtiofsd"], &state)
 }
 
 fn containerds_runc_shim_runs_it_as_runc_binary() -> Result<(), Failed> {
@@ -862,12 +860,7 @@ fn runtime_lifecycle_as_go_runc_drives_it() -> Result<(), Failed> {
     if code == 0 {
         return Err("state of a deleted container succeeded".into());
     }
-    wait_for_nothing_left(&["bulkhead-vmm", "virtiofsd"])?;
-    let left = common::listing(&root);
-    if !left.is_empty() {
-        return Err(format!("state left under --root: {left:?}").into());
-    }
-    Ok(())
+    nothing_left_with_state(&["bulkhead-vmm", "virtiofsd"], &root)
 }
 
 fn runtime_refuses_bad_input_and_leaves_nothing() -> Result<(), Failed> {
@@ -925,10 +918,5 @@ fn runtime_refuses_bad_input_and_leaves_nothing() -> Result<(), Failed> {
     if code != 0 {
         return Err(format!("delete --force of nothing failed: {}", out.stderr).into());
     }
-    common::nothing_left(&["bulkhead-vmm", "virtiofsd"])?;
-    let left = common::listing(&root);
-    if !left.is_empty() {
-        return Err(format!("state left under --root: {left:?}").into());
-    }
-    Ok(())
+    nothing_left_with_state(&["bulkhead-vmm", "virtiofsd"], &root)
 }

@@ -2,14 +2,12 @@
 //! in its namespaces and cgroup, from any shell on the host.
 
 use anyhow::{bail, Context, Result};
-use bulkhead_protocol::agent::ExecProcessRequest;
-use bulkhead_protocol::ttrpc;
 
 use super::containers::Status;
 use super::spec::{self, ProcessOptions};
 use crate::config::Config;
 use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
-use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
+use crate::sandbox::AgentConnection;
 
 /// What `exec` was asked.
 #[derive(Clone, Debug, Default)]
@@ -93,19 +91,13 @@ pub async fn exec(config: &Config, name: &str, opts: &ExecOptions) -> Result<i32
         terminal: true,
         log: None,
     };
-    let mut req = ExecProcessRequest::new();
-    req.container_id = target.container_id.clone();
-    req.exec_id = target.exec_id.clone();
-    req.process_json = serde_json::to_vec(&oci_process)?;
-    req.stdio = Some(target.streams()).into();
-    req.terminal = target.terminal;
-    // The agent starts the process once its streams are attached, and answers
-    // ExecProcess then: the call must be outstanding while they are opened.
-    let call = conn
-        .agent()
-        .exec_process(ttrpc::context::with_duration(RPC_TIMEOUT * 2), &req);
-    let (reply, streams) = tokio::join!(call, process_io::open_streams(&conn, &target));
-    reply.with_context(|| format!("exec in container {name}"))?;
-    let pumps = process_io::pump(streams?, &target, &sinks);
-    process_io::wait(&conn, &target, pumps).await
+    process_io::exec(
+        &conn,
+        &target,
+        serde_json::to_vec(&oci_process)?,
+        &sinks,
+        || Ok(()),
+    )
+    .await
+    .with_context(|| format!("container {name}"))
 }

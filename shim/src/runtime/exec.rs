@@ -8,15 +8,13 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use bulkhead_protocol::agent::ExecProcessRequest;
-use bulkhead_protocol::ttrpc;
 use oci_spec::runtime::{Process, ProcessBuilder, Spec, User};
 
 use super::args::ExecArgs;
 use super::handoff::{self, Reporter};
 use super::state::{Root, Status};
 use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
-use crate::sandbox::{AgentConnection, RPC_TIMEOUT};
+use crate::sandbox::AgentConnection;
 
 /// How long a detached exec may take to be running.
 const EXEC_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -73,36 +71,28 @@ pub fn exec(root: &Root, args: &ExecArgs, global: &[OsString]) -> Result<i32> {
             interactive: true,
             terminal: args.tty,
         };
-        let mut req = ExecProcessRequest::new();
-        req.container_id = target.container_id.clone();
-        req.exec_id = target.exec_id.clone();
-        req.process_json = serde_json::to_vec(&process)?;
-        req.stdio = Some(target.streams()).into();
-        req.terminal = target.terminal;
-        // The agent starts the process once its streams are attached: the
-        // call is outstanding while they are opened.
-        let call = conn
-            .agent()
-            .exec_process(ttrpc::context::with_duration(RPC_TIMEOUT * 2), &req);
-        let (reply, streams) = tokio::join!(call, process_io::open_streams(&conn, &target));
-        reply.with_context(|| format!("exec in container {}", record.id))?;
-        let streams = streams?;
-        if let Some(r) = reporter.as_mut() {
-            // A parent gone by now leaves the process to run unwatched, as
-            // runc's would; its output still goes where the engine said.
-            let _ = r.ready(std::process::id());
-        } else if let Some(path) = &args.pid_file {
-            handoff::write_pid_file(path, std::process::id())?;
-        }
-        let pumps = process_io::pump(
-            streams,
+        let sinks = OutputSinks {
+            terminal: true,
+            log: None,
+        };
+        let started = || {
+            if let Some(r) = reporter.as_mut() {
+                // A parent gone by now leaves the process to run unwatched,
+                // as runc's would; its output still goes where the engine said.
+                let _ = r.ready(std::process::id());
+            } else if let Some(path) = &args.pid_file {
+                handoff::write_pid_file(path, std::process::id())?;
+            }
+            Ok(())
+        };
+        process_io::exec(
+            &conn,
             &target,
-            &OutputSinks {
-                terminal: true,
-                log: None,
-            },
-        );
-        process_io::wait(&conn, &target, pumps).await
+            serde_json::to_vec(&process)?,
+            &sinks,
+            started,
+        )
+        .await
     });
     // As in the keeper: the stdin copy's blocking read never returns.
     runtime.shutdown_background();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bulkhead_protocol::agent::{
-    ResizeTtyRequest, SignalProcessRequest, StdioStreams, WaitProcessRequest,
+    ExecProcessRequest, ResizeTtyRequest, SignalProcessRequest, StdioStreams, WaitProcessRequest,
 };
 use bulkhead_protocol::stream::{StreamHeader, StreamKind};
 use bulkhead_protocol::ttrpc;
@@ -354,4 +354,34 @@ impl Drop for RawTerminal {
     fn drop(&mut self) {
         let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
     }
+}
+
+/// Runs a new process in a running container, as `target`, from its OCI
+/// `Process` as JSON: starts it with its stdio attached, calls `started`
+/// once it runs, carries its stdio to `sinks` and returns its status (see
+/// [`wait`]). Shared by `bulkhead exec` and `bulkhead-runtime exec`.
+pub async fn exec(
+    conn: &AgentConnection,
+    target: &ProcessRef,
+    process_json: Vec<u8>,
+    sinks: &OutputSinks,
+    started: impl FnOnce() -> Result<()>,
+) -> Result<i32> {
+    let mut req = ExecProcessRequest::new();
+    req.container_id = target.container_id.clone();
+    req.exec_id = target.exec_id.clone();
+    req.process_json = process_json;
+    req.stdio = Some(target.streams()).into();
+    req.terminal = target.terminal;
+    // The agent starts the process once its streams are attached, and
+    // answers ExecProcess then: the call is outstanding while they open.
+    let call = conn
+        .agent()
+        .exec_process(ttrpc::context::with_duration(RPC_TIMEOUT * 2), &req);
+    let (reply, streams) = tokio::join!(call, open_streams(conn, target));
+    reply.with_context(|| format!("exec in container {}", target.container_id))?;
+    let streams = streams?;
+    started()?;
+    let pumps = pump(streams, target, sinks);
+    wait(conn, target, pumps).await
 }
