@@ -372,22 +372,30 @@ fn podman_publishes_a_port() -> Result<(), Failed> {
     if code != 0 {
         return Err(format!("run -d -p exited {code}: {}", out.stderr).into());
     }
-    let deadline = Instant::now() + DEADLINE;
-    let body = loop {
-        match http_get(&format!("127.0.0.1:{port}")) {
-            Ok(body) if body.contains("served from the microVM") => break body,
-            other if Instant::now() > deadline => {
-                return Err(format!("no answer on the published port: {other:?}").into())
-            }
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    };
-    println!("published port answered: {}", body.trim());
+    let status = wait_for_page(port)?;
+    println!("published port answered: {status}");
     let (code, out) = podman.run(&["rm", "-f", "-t", "0", "web"])?;
     if code != 0 {
         return Err(format!("rm -f exited {code}: {}", out.stderr).into());
     }
     podman.finish()
+}
+
+/// Waits until the test page is served on host port `port` (published
+/// from a container); returns the response's status line.
+fn wait_for_page(port: u16) -> Result<String, Failed> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match http_get(&format!("127.0.0.1:{port}")) {
+            Ok(body) if body.contains("served from the microVM") => {
+                return Ok(body.lines().next().unwrap_or("").trim().to_owned())
+            }
+            other if Instant::now() > deadline => {
+                return Err(format!("no answer on the published port: {other:?}").into())
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 fn http_get(addr: &str) -> std::io::Result<String> {
@@ -568,16 +576,7 @@ fn docker_detached_publish_exec_rm() -> Result<(), Failed> {
     if code != 0 {
         return Err(format!("docker run -d exited {code}: {}", out.stderr).into());
     }
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match http_get(&format!("127.0.0.1:{port}")) {
-            Ok(body) if body.contains("served from the microVM") => break,
-            other if Instant::now() > deadline => {
-                return Err(format!("no answer on the published port: {other:?}").into())
-            }
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
+    wait_for_page(port)?;
     let (code, exec) = docker.run(&["exec", "web", "sh", "-c", "uname -r; exit 6"])?;
     if code != 6 {
         return Err(format!("docker exec exited {code}, want 6: {exec:?}").into());
