@@ -12,7 +12,7 @@ use oci_spec::runtime::{Process, ProcessBuilder, Spec, User};
 
 use super::args::ExecArgs;
 use super::handoff::{self, Reporter};
-use super::state::{Root, Status};
+use super::state::{Record, Root, Status};
 use crate::sandbox::process_io::{self, OutputSinks, ProcessRef};
 use crate::sandbox::AgentConnection;
 
@@ -31,7 +31,7 @@ pub fn exec(root: &Root, args: &ExecArgs, global: &[OsString]) -> Result<i32> {
     if !matches!(record.effective_status(), Status::Running | Status::Paused) {
         bail!("cannot exec in a stopped container: {}", args.id);
     }
-    let process = process_of(root, args)?;
+    let process = process_of(&record, args)?;
     if args.tty && args.console_socket.is_none() && args.detach {
         bail!("--tty with --detach needs --console-socket");
     }
@@ -109,7 +109,7 @@ pub fn exec(root: &Root, args: &ExecArgs, global: &[OsString]) -> Result<i32> {
 
 /// The process to run: `--process`'s JSON, or runc's flags over the
 /// container's own process (its user, environment and capabilities).
-fn process_of(root: &Root, args: &ExecArgs) -> Result<Process> {
+fn process_of(record: &Record, args: &ExecArgs) -> Result<Process> {
     if let Some(path) = &args.process {
         let text = std::fs::read(path)
             .with_context(|| format!("reading the process file {}", path.display()))?;
@@ -123,7 +123,6 @@ fn process_of(root: &Root, args: &ExecArgs) -> Result<Process> {
     if args.command.is_empty() {
         bail!("exec needs a command, or --process FILE");
     }
-    let record = root.load(&args.id)?;
     let spec = Spec::load(record.bundle.join("config.json")).with_context(|| {
         format!(
             "reading container {}'s spec in {}",

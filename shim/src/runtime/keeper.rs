@@ -127,6 +127,9 @@ async fn keep(root: &Root, id: &str, reporter: &mut Reporter) -> Result<i32> {
             .with_context(|| format!("opening the directory of {}", control.display()))?;
         let listener = UnixListener::bind(short.path())
             .with_context(|| format!("listening on {}", control.display()))?;
+        // Read again, not kept from the start: `create` writes our pid into
+        // the record after it started us, and saving an older copy would
+        // lose it.
         let mut record = root.load(id)?;
         record.status = Status::Created;
         root.save(&record)?;
